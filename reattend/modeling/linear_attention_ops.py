@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "quadratic_linear_weights",
     "quadratic_linear_attention",
     "chunked_linear_attention",
     "linear_attention_step",
     "quadratic_hybrid_attention",
+    "hybrid_attention_weights",
     "chunked_hybrid_attention",
     "hybrid_attention_step",
     "hybrid_prefill_state",
@@ -50,13 +52,17 @@ def fold_into_state(state: torch.Tensor | None, k_feat: torch.Tensor, v: torch.T
     return update if state is None else state + update
 
 
-def quadratic_linear_attention(q_feat, k_feat, v, eps: float = 1e-6):
-    """O(T^2) causal linear attention: the definition, for tests."""
+def quadratic_linear_weights(q_feat, k_feat, eps: float = 1e-6):
+    """Causal linear attention's normalised T x T weights (rows sum to 1)."""
     T = q_feat.shape[-2]
     scores = torch.einsum("bhif,bhjf->bhij", _acc(q_feat), _acc(k_feat))
-    scores = scores * torch.ones(T, T, device=v.device).tril()
-    num = scores @ _with_ones(_acc(v))
-    return _normalise(num, eps).to(v.dtype)
+    scores = scores * torch.ones(T, T, device=q_feat.device, dtype=scores.dtype).tril()
+    return scores / scores.sum(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def quadratic_linear_attention(q_feat, k_feat, v, eps: float = 1e-6):
+    """O(T^2) causal linear attention: the definition, for tests."""
+    return (quadratic_linear_weights(q_feat, k_feat, eps) @ _acc(v)).to(v.dtype)
 
 
 def chunked_linear_attention(
