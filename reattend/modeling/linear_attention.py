@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import LinearAttentionAndSlidingWindowAttentionLayer
 
-from . import attention_backend as backend
+from .attention_backend import hybrid_attention, hybrid_decode_step, linear_attention
 from .feature_maps import FEATURE_MAPS
 from .linear_attention_ops import fold_into_state, hybrid_attention_weights, quadratic_linear_weights
 
@@ -107,8 +107,8 @@ class LinearAttention(nn.Module):
         """Whole-sequence student attention on per-query-head q/k/v (no cache)."""
         qf, kf = self.feature_map_q(q), self.feature_map_k(k)
         if self.window is None:
-            return backend.linear_attention(qf, kf, v)[0]
-        return backend.hybrid_attention(q, k, v, qf, kf, self.gamma, window=self.window, sinks=self.sinks,
+            return linear_attention(qf, kf, v)[0]
+        return hybrid_attention(q, k, v, qf, kf, self.gamma, window=self.window, sinks=self.sinks,
                                         scale=self.scaling, affine=self.affine)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
@@ -167,7 +167,7 @@ class LinearAttention(nn.Module):
             layer.update(k_kv, v_kv)
             k, v = repeat_kv(k_kv, groups), repeat_kv(v_kv, groups)
             state = layer.recurrent_states[LINEAR_STATE]
-            out, state = backend.linear_attention(self.feature_map_q(q), self.feature_map_k(k), v,
+            out, state = linear_attention(self.feature_map_q(q), self.feature_map_k(k), v,
                                                   initial_state=state, output_final_state=True)
             _set_state(layer, LINEAR_STATE, state)
             return out
@@ -208,7 +208,7 @@ class LinearAttention(nn.Module):
         skip = min(max(self.sinks - first, 0), leaving)  # sinks never enter the linear state
         k_leave = repeat_kv(keys[:, :, skip:leaving], groups)
         v_leave = repeat_kv(values[:, :, skip:leaving], groups)
-        out, state = backend.hybrid_decode_step(
+        out, state = hybrid_decode_step(
             q, self.feature_map_q(q), repeat_kv(soft_k, groups), repeat_kv(soft_v, groups),
             layer.recurrent_states[LINEAR_STATE], self.gamma, scale=self.scaling, affine=self.affine,
             k_feat_leaving=self.feature_map_k(k_leave), v_leaving=v_leave,

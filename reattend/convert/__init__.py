@@ -1,0 +1,39 @@
+"""Turn a teacher model into a student: same weights, attention layers swapped per the plan."""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.adapters import converted_classes
+
+
+def convert_model(teacher, plan: list[dict]):
+    """Build the converted model for ``teacher`` (left untouched) with the per-layer ``plan``."""
+    config_cls, model_cls = converted_classes(teacher.config)
+    base = teacher.config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+        base.pop(key, None)
+    config = config_cls(**base, attention_plan=plan)
+    config.architectures = [model_cls.__name__]
+    student = model_cls(config).to(next(teacher.parameters()).device)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    new = set(student_only_names(student, teacher))
+    if unexpected or set(missing) - new:
+        raise RuntimeError(f"conversion lost teacher weights: missing={sorted(set(missing) - new)} unexpected={unexpected}")
+    student.to(next(teacher.parameters()).dtype)
+    if teacher.config.tie_word_embeddings:
+        student.tie_weights()
+    return student.eval()
+
+
+def student_only_names(student, teacher) -> list[str]:
+    teacher_keys = set(teacher.state_dict())
+    return [name for name in student.state_dict() if name not in teacher_keys]
+
+
+def student_attention_modules(model):
+    """(layer index, module) of every converted attention layer."""
+    from ..modeling.modeling_reattend import ATTENTION_TARGETS
+
+    targets = tuple(ATTENTION_TARGETS.values())
+    return [(i, layer.self_attn) for i, layer in enumerate(model.model.layers) if isinstance(layer.self_attn, targets)]

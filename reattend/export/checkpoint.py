@@ -1,0 +1,64 @@
+"""Export a converted model as an ordinary Hugging Face folder that loads with ``from_pretrained``.
+
+The folder holds sharded safetensors, ``config.json`` (base config + ``attention_plan`` + ``auto_map``), the
+bundled modeling code (so ``trust_remote_code=True`` works where reattend is not installed), the tokenizer,
+the resolved recipe, metrics and a model card.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from .model_card import write_model_card
+
+MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
+
+
+class ExportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    dir: str | None = Field(None, description="default: <output_dir>/export")
+    max_shard_size: str = "2GB"
+    dtype: str | None = Field(None, description="cast weights before saving, e.g. bfloat16; default: as trained")
+
+
+def bundled_files() -> list[Path]:
+    return sorted(p for p in MODELING_DIR.glob("*.py") if p.name != "__init__.py")
+
+
+def export_model(student, tokenizer, out_dir: str | Path, *, recipe: dict | None = None, metrics: dict | None = None,
+                 max_shard_size: str = "2GB", dtype: str | None = None) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    if dtype is not None:
+        student = student.to(getattr(torch, dtype))
+    student.save_pretrained(tmp, max_shard_size=max_shard_size)
+    config_path = tmp / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {
+        "AutoConfig": f"configuration_reattend.{type(student.config).__name__}",
+        "AutoModelForCausalLM": f"modeling_reattend.{type(student).__name__}",
+    }
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    for source in bundled_files():
+        shutil.copy2(source, tmp / source.name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if recipe is not None:
+        (tmp / "reattend_recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    if metrics is not None:
+        (tmp / "reattend_metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_model_card(tmp / "README.md", config=config, recipe=recipe, metrics=metrics)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
