@@ -183,6 +183,10 @@ def bench_gpu(args) -> dict:
             ),
             "sdpa": lambda: sdpa(q, k, v),
         }
+        weight = (torch.randn(H, d, F_dim // 2, device="cuda") * d**-0.5).requires_grad_()
+        bias = torch.zeros(H, F_dim // 2, device="cuda", requires_grad=True)
+        cases["hedgehog_triton"] = lambda: attention_backend.hedgehog_features(q, weight, bias, backend="triton")
+        cases["hedgehog_ref"] = lambda: attention_backend.hedgehog_features(q, weight, bias, backend="reference")
         fla = fla_linear(qf, kf, v)
         if fla is not None:
             cases["linear_fla"] = fla
@@ -204,7 +208,7 @@ def bench_gpu(args) -> dict:
                 row[f"{name}_error"] = "out of memory"
             except Exception as exc:  # a missing optional baseline must not stop the others
                 row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:200]
-            for x in (q, k, v, qf, kf, gamma):
+            for x in (q, k, v, qf, kf, gamma, weight, bias):
                 x.grad = None
             torch.cuda.empty_cache()
         for base in ("linear_ref", "linear_fla", "sdpa"):
@@ -215,6 +219,9 @@ def bench_gpu(args) -> dict:
             for mode in ("fwd", "fwdbwd"):
                 if f"{base}_{mode}_s" in row and "hybrid_triton_fwd_s" in row:
                     row[f"{base}_over_hybrid_triton_{mode}"] = row[f"{base}_{mode}_s"] / row[f"hybrid_triton_{mode}_s"]
+        for mode in ("fwd", "fwdbwd"):
+            if f"hedgehog_triton_{mode}_s" in row and f"hedgehog_ref_{mode}_s" in row:
+                row[f"hedgehog_ref_over_triton_{mode}"] = row[f"hedgehog_ref_{mode}_s"] / row[f"hedgehog_triton_{mode}_s"]
         rows.append(row)
         print(f"cuda T={T}: " + "  ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k != "T"), flush=True)
     return {

@@ -137,6 +137,38 @@ def test_env_routes_linear_attention_to_the_kernel(monkeypatch):
     assert err_ratio(out, ref.chunked_linear_attention(qf, qf, v)[0]) < 1e-5
 
 
+@pytest.mark.parametrize(
+    "B,H,T,d,f,dtype,weight_scale,bias_shape",
+    [
+        (2, 3, 37, 16, 16, torch.float32, 0.5, "h1f"),
+        (1, 2, 130, 64, 64, torch.bfloat16, 0.5, "hf"),
+        (2, 2, 70, 64, 48, torch.float32, 0.5, "h1f"),  # f not a power of two
+        (1, 2, 20, 16, 16, torch.float32, 30.0, "hf"),  # softmaxes underflow below the 1e-12 clamp
+    ],
+)
+def test_hedgehog_features_match_reference(B, H, T, d, f, dtype, weight_scale, bias_shape):
+    torch.manual_seed(T)
+    x = torch.randn(B, H, T, d, device=DEVICE).to(dtype)
+    weight = torch.randn(H, d, f, device=DEVICE) * weight_scale
+    bias = torch.randn(H, 1, f, device=DEVICE) * 0.1
+    bias = bias if bias_shape == "h1f" else bias.reshape(H, f)
+    seed = torch.randn(B, H, T, 2 * f, device=DEVICE)
+
+    def run(fn, x_dtype):
+        leaves_ = [t.detach().clone().requires_grad_() for t in (x.to(x_dtype), weight, bias)]
+        out = fn(*leaves_)
+        (out.float() * seed).sum().backward()
+        return [out] + [t.grad for t in leaves_]
+
+    got = run(lambda *a: attention_backend.hedgehog_features(*a, backend="triton"), dtype)
+    # The reference projects in the input dtype; the kernel in float32, so compare with float32 math.
+    want = run(ref.hedgehog_features, torch.float32)
+    assert got[0].shape == (B, H, T, 2 * f) and got[0].dtype == dtype
+    assert got[3].shape == bias.shape
+    for name, g, w in zip(("phi", "x", "weight", "bias"), got, want):
+        assert err_ratio(g, w) < TOL[dtype], name
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_linear_attention_long_sequence_on_gpu():

@@ -114,3 +114,10 @@ def hybrid_decode_step(
     if k_feat_leaving is not None and k_feat_leaving.shape[-2] > 0:
         state = ref.fold_into_state(state, k_feat_leaving, v_leaving)
     return out, state
+
+
+def hedgehog_features(x, weight, bias, *, backend=None):
+    """Hedgehog feature map ``[softmax(x W_h + b_h) || softmax(-(x W_h + b_h))]``: (B, H, T, d) -> (B, H, T, 2f)."""
+    if resolve_backend(x, backend) == "triton":
+        return _kernels().triton_hedgehog_features(x, weight, bias)
+    return ref.hedgehog_features(x, weight, bias)

@@ -30,6 +30,7 @@ __all__ = [
     "hybrid_attention_step",
     "hybrid_prefill_state",
     "fold_into_state",
+    "hedgehog_features",
 ]
 
 
@@ -228,3 +229,16 @@ def hybrid_attention_step(q, q_feat, k, v, state, gamma, *, scale: float, affine
     if state is not None:
         num = num + lam * torch.einsum("bhif,bhfd->bhid", _acc(q_feat), state)
     return _normalise(num, eps).to(v.dtype)
+
+
+def hedgehog_features(x, weight, bias, eps: float = 1e-12):
+    """Hedgehog feature map (LoLCATs form), the reference for its fused kernel.
+
+    ``x``: (B, H, T, d); ``weight``: (H, d, f); ``bias``: (H, f) or (H, 1, f). Returns
+    ``[softmax(z) || softmax(-z)]`` over the feature axis with ``z = x W_h + b_h``, clamped at ``eps``: (B, H, T, 2f).
+    """
+    H, _, f = weight.shape
+    z = torch.einsum("bhtd,hdf->bhtf", x, weight.to(x.dtype)) + bias.reshape(H, 1, f).to(x.dtype)
+    z = z.float()
+    phi = torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
+    return phi.clamp_min(eps).to(x.dtype)

@@ -1,4 +1,5 @@
-"""Fused Triton kernels for causal linear attention and the sliding-window + linear hybrid.
+"""Fused Triton kernels for causal linear attention, the sliding-window + linear hybrid, its decode step,
+and the Hedgehog feature map.
 
 Same shapes and math as ``linear_attention_ops`` (the reference these kernels are tested against):
 ``q``/``k``/``v`` ``(B, H, T, d)``, ``q_feat``/``k_feat`` ``(B, H, T, F)``, state ``(N, H, F, d + 1)`` float32
@@ -25,7 +26,13 @@ try:
 except ImportError:
     triton = None
 
-__all__ = ["triton_linear_attention", "triton_hybrid_attention", "triton_hybrid_decode_step", "HAS_TRITON"]
+__all__ = [
+    "triton_linear_attention",
+    "triton_hybrid_attention",
+    "triton_hybrid_decode_step",
+    "triton_hedgehog_features",
+    "HAS_TRITON",
+]
 
 HAS_TRITON = triton is not None
 
@@ -505,6 +512,78 @@ if HAS_TRITON:
                 z += tl.sum(kf, 0)
             _store_state(S1, sbase, S, z, F, D, BF, BD)
 
+    # ---------------------------------------------------------------- Hedgehog feature map
+
+    @triton.jit
+    def _hedgehog_softmaxes(X, W, B_, base, rows, valid, h, eps, D: tl.constexpr, FH: tl.constexpr,
+                            BD: tl.constexpr, BFH: tl.constexpr):
+        # z = x W_h + b_h for a block of rows, then softmax(z) and softmax(-z) over the f features.
+        od = tl.arange(0, BD)
+        of = tl.arange(0, BFH)
+        mf = of < FH
+        x = _load_tile(X, base, rows, valid, D, BD)
+        w = tl.load(
+            W + tl.cast(h, tl.int64) * D * FH + od[:, None] * FH + of[None, :],
+            mask=(od[:, None] < D) & mf[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        b = tl.load(B_ + tl.cast(h, tl.int64) * FH + of, mask=mf, other=0.0).to(tl.float32)
+        z = tl.dot(x, w) + b[None, :]
+        zp = tl.where(mf[None, :], z, float("-inf"))
+        zn = tl.where(mf[None, :], -z, float("-inf"))
+        ep = tl.exp(zp - tl.max(zp, 1)[:, None])
+        en = tl.exp(zn - tl.max(zn, 1)[:, None])
+        return x, w, ep / tl.sum(ep, 1)[:, None], en / tl.sum(en, 1)[:, None]
+
+    @triton.jit
+    def _hedgehog_fwd_kernel(
+        X, W, B_, PHI, T, H, eps,
+        D: tl.constexpr, FH: tl.constexpr, BD: tl.constexpr, BFH: tl.constexpr, BT: tl.constexpr,
+    ):
+        pid = tl.cast(tl.program_id(0), tl.int64)
+        h = pid % H
+        rows = tl.cast(tl.program_id(1), tl.int64) * BT + tl.arange(0, BT)
+        valid = rows < T
+        base = pid * T
+        _, _, pp, pn = _hedgehog_softmaxes(X, W, B_, base, rows, valid, h, eps, D, FH, BD, BFH)
+        of = tl.arange(0, BFH)
+        out = PHI + (base + rows)[:, None] * (2 * FH) + of[None, :]
+        mask = valid[:, None] & (of[None, :] < FH)
+        tl.store(out, tl.maximum(pp, eps).to(PHI.dtype.element_ty), mask=mask)
+        tl.store(out + FH, tl.maximum(pn, eps).to(PHI.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _hedgehog_bwd_kernel(
+        X, W, B_, DPHI, DX, DW, DB, T, H, SPLITS, eps,
+        D: tl.constexpr, FH: tl.constexpr, BD: tl.constexpr, BFH: tl.constexpr, BT: tl.constexpr,
+    ):
+        # Program (b*H + h, s) handles row blocks s, s + SPLITS, ... and writes its partial dW_h, db_h.
+        pid = tl.cast(tl.program_id(0), tl.int64)
+        split = tl.cast(tl.program_id(1), tl.int64)
+        h = pid % H
+        base = pid * T
+        od = tl.arange(0, BD)
+        of = tl.arange(0, BFH)
+        mf = of < FH
+        dw = tl.zeros([BD, BFH], tl.float32)
+        db = tl.zeros([BFH], tl.float32)
+        for i in range(0, tl.cdiv(tl.cdiv(T, BT) - split, SPLITS)):
+            rows = (split + tl.cast(i, tl.int64) * SPLITS) * BT + tl.arange(0, BT)
+            valid = rows < T
+            x, w, pp, pn = _hedgehog_softmaxes(X, W, B_, base, rows, valid, h, eps, D, FH, BD, BFH)
+            gp_ptr = DPHI + (base + rows)[:, None] * (2 * FH) + of[None, :]
+            mask = valid[:, None] & mf[None, :]
+            # clamp_min(eps) passes the gradient only where the softmax reached eps.
+            gp = tl.where(pp >= eps, tl.load(gp_ptr, mask=mask, other=0.0).to(tl.float32), 0.0)
+            gn = tl.where(pn >= eps, tl.load(gp_ptr + FH, mask=mask, other=0.0).to(tl.float32), 0.0)
+            dz = pp * (gp - tl.sum(gp * pp, 1)[:, None]) - pn * (gn - tl.sum(gn * pn, 1)[:, None])
+            _store_tile(DX, base, rows, valid, tl.dot(dz, tl.trans(w)), D, BD)
+            dw += tl.dot(tl.trans(x), dz)
+            db += tl.sum(dz, 0)
+        pbase = (tl.cast(pid // H, tl.int64) * SPLITS + split) * H + h
+        tl.store(DW + pbase * D * FH + od[:, None] * FH + of[None, :], dw, mask=(od[:, None] < D) & mf[None, :])
+        tl.store(DB + pbase * FH + of, db, mask=mf)
+
 
 def _require_triton():
     if not HAS_TRITON:
@@ -652,3 +731,40 @@ def triton_hybrid_decode_step(
         HAS_STATE=s0 is not None, AFFINE=bool(affine), STORE_STATE=fold,
     )
     return o, s1
+
+
+class _HedgehogFeatures(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        x = x.contiguous()
+        B, H, T, D = x.shape
+        FH = weight.shape[-1]
+        w = weight.contiguous()
+        b = bias.reshape(H, FH).contiguous()
+        phi = torch.empty(B, H, T, 2 * FH, device=x.device, dtype=x.dtype)
+        consts = dict(D=D, FH=FH, BD=_pow2(D), BFH=_pow2(FH), BT=_block_t(FH, D))
+        grid = (B * H, triton.cdiv(T, consts["BT"]))
+        _hedgehog_fwd_kernel[grid](x, w, b, phi, T, H, eps, **consts)
+        ctx.save_for_backward(x, w, b)
+        ctx.meta = (consts, eps, weight.dtype, bias.shape, bias.dtype)
+        return phi
+
+    @staticmethod
+    def backward(ctx, dphi):
+        x, w, b = ctx.saved_tensors
+        consts, eps, w_dtype, b_shape, b_dtype = ctx.meta
+        B, H, T, D = x.shape
+        FH = w.shape[-1]
+        # Enough row-block splits to fill the device; each split writes one partial dW, summed here.
+        splits = max(1, min(triton.cdiv(T, consts["BT"]), 64 // max(1, B * H) + 1))
+        dx = torch.empty_like(x)
+        dw = torch.empty(B, splits, H, D, FH, device=x.device, dtype=torch.float32)
+        db = torch.empty(B, splits, H, FH, device=x.device, dtype=torch.float32)
+        _hedgehog_bwd_kernel[(B * H, splits)](x, w, b, dphi.contiguous(), dx, dw, db, T, H, splits, eps, **consts)
+        return dx, dw.sum(dim=(0, 1)).to(w_dtype), db.sum(dim=(0, 1)).reshape(b_shape).to(b_dtype), None
+
+
+def triton_hedgehog_features(x, weight, bias, eps: float = 1e-12):
+    """Fused Hedgehog feature map: per-head projection and both softmaxes in one kernel (and one backward)."""
+    _require_triton()
+    return _HedgehogFeatures.apply(x, weight, bias, eps)
