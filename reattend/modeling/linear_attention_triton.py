@@ -515,7 +515,7 @@ if HAS_TRITON:
     # ---------------------------------------------------------------- Hedgehog feature map
 
     @triton.jit
-    def _hedgehog_softmaxes(X, W, B_, base, rows, valid, h, eps, D: tl.constexpr, FH: tl.constexpr,
+    def _hedgehog_softmaxes(X, W, B_, base, rows, valid, h, D: tl.constexpr, FH: tl.constexpr,
                             BD: tl.constexpr, BFH: tl.constexpr):
         # z = x W_h + b_h for a block of rows, then softmax(z) and softmax(-z) over the f features.
         od = tl.arange(0, BD)
@@ -545,7 +545,7 @@ if HAS_TRITON:
         rows = tl.cast(tl.program_id(1), tl.int64) * BT + tl.arange(0, BT)
         valid = rows < T
         base = pid * T
-        _, _, pp, pn = _hedgehog_softmaxes(X, W, B_, base, rows, valid, h, eps, D, FH, BD, BFH)
+        _, _, pp, pn = _hedgehog_softmaxes(X, W, B_, base, rows, valid, h, D, FH, BD, BFH)
         of = tl.arange(0, BFH)
         out = PHI + (base + rows)[:, None] * (2 * FH) + of[None, :]
         mask = valid[:, None] & (of[None, :] < FH)
@@ -570,7 +570,7 @@ if HAS_TRITON:
         for i in range(0, tl.cdiv(tl.cdiv(T, BT) - split, SPLITS)):
             rows = (split + tl.cast(i, tl.int64) * SPLITS) * BT + tl.arange(0, BT)
             valid = rows < T
-            x, w, pp, pn = _hedgehog_softmaxes(X, W, B_, base, rows, valid, h, eps, D, FH, BD, BFH)
+            x, w, pp, pn = _hedgehog_softmaxes(X, W, B_, base, rows, valid, h, D, FH, BD, BFH)
             gp_ptr = DPHI + (base + rows)[:, None] * (2 * FH) + of[None, :]
             mask = valid[:, None] & mf[None, :]
             # clamp_min(eps) passes the gradient only where the softmax reached eps.
