@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import resource
 import time
 from typing import Callable
 
@@ -88,4 +89,12 @@ def train(
         "steps": step + 1 if total_steps else 0,
         "final_loss": last_record.get("loss", math.nan),
         "tokens_per_s": round(trained / elapsed, 1) if elapsed > 0 else None,
+        "peak_memory_mb": _peak_memory_mb(accelerator.device),
     }
+
+
+def _peak_memory_mb(device) -> float:
+    """Peak GPU memory on CUDA, else the process's peak resident set size (Linux reports KiB)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
