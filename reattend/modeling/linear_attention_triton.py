@@ -46,6 +46,11 @@ def _block_t(F: int, d: int) -> int:
     return 64 if max(F, d) <= 64 else 32
 
 
+def _warps(F: int, d: int) -> int:
+    # Spread the larger float32 state over more threads rather than spilling it.
+    return 4 if max(F, d) <= 64 else 8
+
+
 if HAS_TRITON:
 
     @triton.jit
@@ -53,9 +58,13 @@ if HAS_TRITON:
         # Returns (first token, number of tokens, batch index) of program n's sequence.
         if VARLEN:
             bos = tl.load(CU + n).to(tl.int64)
-            eos = tl.load(CU + n + 1).to(tl.int64)
-            return bos, eos - bos, 0
-        return tl.cast(0, tl.int64), tl.cast(T, tl.int64), n
+            length = tl.load(CU + n + 1).to(tl.int64) - bos
+            b = 0
+        else:
+            bos = 0
+            length = tl.cast(T, tl.int64)
+            b = n
+        return bos, length, b
 
     @triton.jit
     def _load_tile(X, base, rows, valid, ncols: tl.constexpr, BC: tl.constexpr):
@@ -615,7 +624,7 @@ class _LinearAttention(torch.autograd.Function):
         o = torch.empty_like(v)
         den = torch.empty(B, H, T, device=v.device, dtype=torch.float32)
         ht = torch.empty(N, H, F, D + 1, device=v.device, dtype=torch.float32) if output_final_state else None
-        consts = dict(F=F, D=D, BF=_pow2(F), BD=_pow2(D), BT=_block_t(F, D), VARLEN=varlen)
+        consts = dict(F=F, D=D, BF=_pow2(F), BD=_pow2(D), BT=_block_t(F, D), VARLEN=varlen, num_warps=_warps(F, D))
         _linear_fwd_kernel[(N * H,)](
             q_feat, k_feat, v, o, den, h0 if h0 is not None else den, ht if ht is not None else den, cu, T, H, eps,
             HAS_H0=h0 is not None, STORE_HT=ht is not None, **consts,
@@ -668,7 +677,10 @@ class _HybridAttention(torch.autograd.Function):
         den = torch.empty(B, H, T, device=v.device, dtype=torch.float32)
         mx = torch.empty_like(den)
         arg = torch.empty(B, H, T, device=v.device, dtype=torch.int64)
-        consts = dict(F=F, D=D, BF=_pow2(F), BD=_pow2(D), BT=_block_t(F, D), VARLEN=varlen, AFFINE=bool(affine))
+        consts = dict(
+            F=F, D=D, BF=_pow2(F), BD=_pow2(D), BT=_block_t(F, D), VARLEN=varlen, AFFINE=bool(affine),
+            num_warps=_warps(F, D),
+        )
         scalars = (T, H, int(window), int(sinks), float(scale), float(eps))
         _hybrid_fwd_kernel[(N * H,)](q, k, v, q_feat, k_feat, gamma_c, o, den, mx, arg, cu, *scalars, **consts)
         ctx.save_for_backward(q, k, v, q_feat, k_feat, gamma_c, den, mx, arg, cu_seqlens)
@@ -728,7 +740,7 @@ def triton_hybrid_decode_step(
         q, q_feat, k, v, s0 if s0 is not None else o, gamma.contiguous(), kl, vl, o, s1 if s1 is not None else o,
         H, L, NL, float(scale), float(eps),
         F=F, D=D, BF=_pow2(F), BD=_pow2(D), BL=_block_t(F, D),
-        HAS_STATE=s0 is not None, AFFINE=bool(affine), STORE_STATE=fold,
+        HAS_STATE=s0 is not None, AFFINE=bool(affine), STORE_STATE=fold, num_warps=_warps(F, D),
     )
     return o, s1
 
