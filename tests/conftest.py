@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when triton.language is first imported (transformers imports it), so it is
+# set here, before anything else: without a GPU the kernel tests run in the interpreter on CPU tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     Gemma3TextConfig,

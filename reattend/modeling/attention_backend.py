@@ -11,10 +11,17 @@ batch size 1); each sequence attends only to itself and has its own initial/fina
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import torch
 
-from . import linear_attention_ops as ref
+from .linear_attention_ops import (
+    chunked_hybrid_attention,
+    chunked_linear_attention,
+    fold_into_state,
+    hybrid_attention_step,
+)
+from .linear_attention_ops import hedgehog_features as reference_hedgehog_features
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -38,9 +45,21 @@ def triton_available() -> bool:
 
 def _kernels():
     # Imported on first use so that TRITON_INTERPRET, read when the kernels are decorated, can be set first.
-    from . import linear_attention_triton
+    # The `from .module import name` form matters: transformers' remote-code loader copies only sibling files
+    # named that way, so an exported checkpoint would otherwise lack the kernels.
+    from .linear_attention_triton import (
+        triton_hedgehog_features,
+        triton_hybrid_attention,
+        triton_hybrid_decode_step,
+        triton_linear_attention,
+    )
 
-    return linear_attention_triton
+    return SimpleNamespace(
+        triton_hedgehog_features=triton_hedgehog_features,
+        triton_hybrid_attention=triton_hybrid_attention,
+        triton_hybrid_decode_step=triton_hybrid_decode_step,
+        triton_linear_attention=triton_linear_attention,
+    )
 
 
 def _segments(cu_seqlens: torch.Tensor):
@@ -53,7 +72,7 @@ def varlen_linear_attention(q_feat, k_feat, v, cu_seqlens, initial_state=None, o
     outs, finals = [], []
     for n, (a, b) in enumerate(_segments(cu_seqlens)):
         h0 = None if initial_state is None else initial_state[n : n + 1]
-        out, final = ref.chunked_linear_attention(
+        out, final = chunked_linear_attention(
             q_feat[:, :, a:b], k_feat[:, :, a:b], v[:, :, a:b], initial_state=h0, output_final_state=output_final_state
         )
         outs.append(out)
@@ -64,7 +83,7 @@ def varlen_linear_attention(q_feat, k_feat, v, cu_seqlens, initial_state=None, o
 def varlen_hybrid_attention(q, k, v, q_feat, k_feat, gamma, cu_seqlens, **kwargs):
     """Reference for packed variable-length batches: the chunked hybrid reference on each sequence in turn."""
     outs = [
-        ref.chunked_hybrid_attention(*(x[:, :, a:b] for x in (q, k, v, q_feat, k_feat)), gamma, **kwargs)
+        chunked_hybrid_attention(*(x[:, :, a:b] for x in (q, k, v, q_feat, k_feat)), gamma, **kwargs)
         for a, b in _segments(cu_seqlens)
     ]
     return torch.cat(outs, dim=2)
@@ -78,7 +97,7 @@ def linear_attention(q_feat, k_feat, v, initial_state=None, output_final_state=F
         )
     if cu_seqlens is not None:
         return varlen_linear_attention(q_feat, k_feat, v, cu_seqlens, initial_state, output_final_state)
-    return ref.chunked_linear_attention(
+    return chunked_linear_attention(
         q_feat, k_feat, v, initial_state=initial_state, output_final_state=output_final_state
     )
 
@@ -92,7 +111,7 @@ def hybrid_attention(
         return _kernels().triton_hybrid_attention(q, k, v, q_feat, k_feat, gamma, cu_seqlens=cu_seqlens, **kwargs)
     if cu_seqlens is not None:
         return varlen_hybrid_attention(q, k, v, q_feat, k_feat, gamma, cu_seqlens, **kwargs)
-    return ref.chunked_hybrid_attention(q, k, v, q_feat, k_feat, gamma, **kwargs)
+    return chunked_hybrid_attention(q, k, v, q_feat, k_feat, gamma, **kwargs)
 
 
 def hybrid_decode_step(
@@ -110,9 +129,9 @@ def hybrid_decode_step(
             q, q_feat, k, v, state, gamma, scale=scale, affine=affine,
             k_feat_leaving=k_feat_leaving, v_leaving=v_leaving,
         )
-    out = ref.hybrid_attention_step(q, q_feat, k, v, state, gamma, scale=scale, affine=affine)
+    out = hybrid_attention_step(q, q_feat, k, v, state, gamma, scale=scale, affine=affine)
     if k_feat_leaving is not None and k_feat_leaving.shape[-2] > 0:
-        state = ref.fold_into_state(state, k_feat_leaving, v_leaving)
+        state = fold_into_state(state, k_feat_leaving, v_leaving)
     return out, state
 
 
@@ -120,4 +139,4 @@ def hedgehog_features(x, weight, bias, *, backend=None):
     """Hedgehog feature map ``[softmax(x W_h + b_h) || softmax(-(x W_h + b_h))]``: (B, H, T, d) -> (B, H, T, 2f)."""
     if resolve_backend(x, backend) == "triton":
         return _kernels().triton_hedgehog_features(x, weight, bias)
-    return ref.hedgehog_features(x, weight, bias)
+    return reference_hedgehog_features(x, weight, bias)

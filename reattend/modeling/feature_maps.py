@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention_backend import hedgehog_features
+
 
 def _rectangular_identity(num_heads: int, head_dim: int, feature_dim: int) -> torch.Tensor:
     eye = torch.zeros(head_dim, feature_dim)
@@ -37,9 +39,7 @@ class HedgehogFeatureMap(_PerHeadLinear):
         return 2 * feature_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.project(x).float()
-        phi = torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
-        return phi.clamp_min(1e-12).to(x.dtype)
+        return hedgehog_features(x, self.weight, self.bias)
 
 
 class HedgehogFLAFeatureMap(_PerHeadLinear):
