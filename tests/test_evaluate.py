@@ -178,9 +178,14 @@ def test_lm_eval_runs_a_user_task_from_include_path(teacher, tokenizer, texts, t
     assert lm["student"]["my_ppl"]["word_perplexity"] == pytest.approx(lm["teacher"]["my_ppl"]["word_perplexity"])
 
 
-def test_evaluate_needs_texts_for_text_metrics(teacher, tokenizer, tmp_path):
+def test_evaluate_refuses_missing_or_short_texts_before_running(teacher, tokenizer, texts, tmp_path):
     with pytest.raises(ValueError, match="held-out texts"):
         evaluate(teacher, teacher, tokenizer, small_config(), tmp_path, {})
+    with pytest.raises(ValueError, match="fidelity.context_length=4096"):
+        evaluate(teacher, teacher, tokenizer, small_config(fidelity={"context_length": 4096}), tmp_path, texts)
+    with pytest.raises(TypeError, match="LongTensor"):
+        evaluate(teacher, teacher, tokenizer, small_config(), tmp_path, {"x": [1, 2, 3]})
+    assert not (tmp_path / "metrics.json").exists()
 
 
 def test_evaluate_folders_loads_both_and_builds_default_texts(teacher, tokenizer, texts, tmp_path, monkeypatch):

@@ -36,6 +36,12 @@ def _check_texts(texts: dict[str, torch.Tensor], cfg: EvalConfig) -> dict[str, t
         if not torch.is_tensor(stream) or stream.dtype != torch.long:
             raise TypeError(f"held-out text {name!r} must be a LongTensor of token ids, got {type(stream).__name__}")
         checked[name] = stream.reshape(-1).cpu()
+    # Checked before any metric runs, so a bad setting fails in seconds instead of after the slow metrics.
+    if cfg.fidelity.enabled and checked and len(next(iter(checked.values()))) < cfg.fidelity.context_length:
+        raise ValueError(
+            f"fidelity runs on the first held-out text, which has fewer than fidelity.context_length="
+            f"{cfg.fidelity.context_length} tokens"
+        )
     return checked
 
 

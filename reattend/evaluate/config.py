@@ -33,7 +33,7 @@ class PerplexityConfig(_Section):
 
     context_lengths: list[int] = Field(default_factory=lambda: [512, 2048])
     # Tokens scored per text and length: max_tokens // length blocks (at least one) of `length` tokens.
-    max_tokens: PositiveInt = 2048
+    max_tokens: PositiveInt = 1024
     batch_size: PositiveInt = 1
 
     _check_lengths = field_validator("context_lengths")(_sorted_lengths)
@@ -43,7 +43,7 @@ class KLAgreementConfig(_Section):
     """Token-level KL(teacher || student) and top-1 agreement of next-token predictions."""
 
     context_length: PositiveInt = 512
-    max_tokens: PositiveInt = 1024
+    max_tokens: PositiveInt = 512
 
 
 class FidelityConfig(_Section):
@@ -65,7 +65,8 @@ class LMEvalConfig(_Section):
     include_path: Path | None = None
     limit: PositiveInt | float | None = None
     num_fewshot: int | None = None
-    batch_size: PositiveInt = 1
+    # lm-eval pads batches on the right, which causal attention never sees from earlier positions.
+    batch_size: PositiveInt = 4
     # Size of the local tasks.
     ppl_docs: PositiveInt = 8
     ppl_doc_tokens: PositiveInt = 256
@@ -130,7 +131,7 @@ class GenerationsConfig(_Section):
             "In the beginning God created",
         ]
     )
-    max_new_tokens: PositiveInt = 32
+    max_new_tokens: PositiveInt = 24
 
 
 class EvalConfig(BaseModel):

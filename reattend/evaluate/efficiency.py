@@ -1,8 +1,7 @@
 """Speed and memory over context length, measured through ``generate()`` as a user would run the model.
 
-- prefill: wall time of ``generate(max_new_tokens=1)`` on a prompt of the given length;
-- decode tokens/s: the extra tokens of ``generate(max_new_tokens=1 + n)`` divided by its extra time,
-  so prefill cancels out;
+- prefill: wall time from calling ``generate()`` on a prompt of the given length to its first token;
+- decode tokens/s: the next ``n`` tokens of the same call, timed step by step, so prefill does not count;
 - peak memory: CUDA peak allocation above the resident weights, or on CPU the peak process RSS (sampled)
   above its level before the call;
 - cache bytes: every tensor reachable from the cache object ``generate()`` returns (KV tensors, window
@@ -20,6 +19,7 @@ import time
 import psutil
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .config import EfficiencyConfig
 from .quality import model_device
@@ -98,9 +98,27 @@ class _PeakMemory:
         return False
 
 
+class _StepClock(LogitsProcessor):
+    """Timestamps each generation step: generate() calls its logits processors once per new token, right
+    after that token's forward pass, so the first stamp ends the prefill and the gaps between the later
+    stamps are single decode steps."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
 @torch.no_grad()
 def _timed_generate(model, ids: torch.Tensor, new_tokens: int, pad_token_id: int):
+    """(prefill seconds, decode tokens/s, generate output)."""
     device = model_device(model)
+    clock = _StepClock(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -111,30 +129,28 @@ def _timed_generate(model, ids: torch.Tensor, new_tokens: int, pad_token_id: int
         min_new_tokens=new_tokens,
         do_sample=False,
         pad_token_id=pad_token_id,
+        logits_processor=LogitsProcessorList([clock]),
         return_dict_in_generate=True,
     )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, out
+    decode_s = clock.stamps[-1] - clock.stamps[0]
+    return clock.stamps[0] - start, (len(clock.stamps) - 1) / decode_s, out
 
 
 def measure(model, length: int, cfg: EfficiencyConfig, *, vocab_size: int, pad_token_id: int, seed: int) -> dict:
     device = model_device(model)
     # Content does not change the cost of attention, so random tokens stand in for text of any length.
     ids = torch.randint(0, vocab_size, (1, length), generator=torch.Generator().manual_seed(seed)).to(device)
-    prefill, full = float("inf"), float("inf")
-    peak = None
+    prefill, decode_tps, peak = float("inf"), 0.0, None
     for _ in range(cfg.repeats):
-        prefill = min(prefill, _timed_generate(model, ids, 1, pad_token_id)[0])
         with _PeakMemory(device) as mem:
-            seconds, out = _timed_generate(model, ids, 1 + cfg.decode_tokens, pad_token_id)
+            seconds, tokens_per_s, out = _timed_generate(model, ids, 1 + cfg.decode_tokens, pad_token_id)
+        prefill, decode_tps = min(prefill, seconds), max(decode_tps, tokens_per_s)
         peak = mem.peak if peak is None else min(peak, mem.peak)
-        full = min(full, seconds)
     cache_tokens = out.sequences.shape[1] - 1
     cache_bytes = tensor_bytes(out.past_key_values)
     return {
         "prefill_s": prefill,
-        "decode_tokens_per_s": cfg.decode_tokens / max(full - prefill, 1e-9),
+        "decode_tokens_per_s": decode_tps,
         "peak_memory_bytes": peak,
         "cache_bytes": cache_bytes,
         "cache_tokens": cache_tokens,

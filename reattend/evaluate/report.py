@@ -74,6 +74,14 @@ def _pair_lines(ax, lengths, teacher, student, label: str, color):
     ax.plot(lengths, student, linestyle="-", marker="s", color=color, label=f"{label} student")
 
 
+def _length_axis(ax, lengths) -> None:
+    """Log-2 context-length axis labelled with exactly the measured lengths."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.minorticks_off()
+    ax.set_xlabel("context length (tokens)")
+
+
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -87,8 +95,8 @@ def plot_perplexity(results: dict, path: Path) -> str:
         lengths = sorted(entry["lengths"])
         _pair_lines(ax, lengths, [entry["lengths"][n]["teacher"] for n in lengths],
                     [entry["lengths"][n]["student"] for n in lengths], text, f"C{i}")
-    ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity",
-           title="Perplexity vs context length")
+    _length_axis(ax, sorted({n for entry in results.values() for n in entry["lengths"]}))
+    ax.set(yscale="log", ylabel="perplexity", title="Perplexity vs context length")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -121,7 +129,8 @@ def plot_efficiency(results: dict, path: Path) -> str:
         cross = results["crossover"].get(key)
         if cross is not None:
             ax.axvline(cross, color="C2", linestyle=":", label=f"crossover ≈ {cross:.0f}")
-        ax.set(xscale="log", xlabel="context length (tokens)", title=label)
+        _length_axis(ax, lengths)
+        ax.set_title(label)
         ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -132,8 +141,8 @@ def plot_recall(results: dict, path: Path) -> str:
         lengths = sorted(by_length)
         _pair_lines(ax, lengths, [by_length[n]["teacher"] for n in lengths],
                     [by_length[n]["student"] for n in lengths], task, f"C{i}")
-    ax.set(xscale="log", ylim=(-0.05, 1.05), xlabel="context length (tokens)", ylabel="accuracy",
-           title="Long-context recall")
+    _length_axis(ax, sorted({n for by_length in results.values() for n in by_length}))
+    ax.set(ylim=(-0.05, 1.05), ylabel="accuracy", title="Long-context recall")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
