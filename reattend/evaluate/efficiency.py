@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .config import EfficiencyConfig
+from .generations import greedy_generate, pad_id_of
 from .quality import model_device
 
 
@@ -114,7 +115,6 @@ class _StepClock(LogitsProcessor):
         return scores
 
 
-@torch.no_grad()
 def _timed_generate(model, ids: torch.Tensor, new_tokens: int, pad_token_id: int):
     """(prefill seconds, decode tokens/s, generate output)."""
     device = model_device(model)
@@ -122,16 +122,8 @@ def _timed_generate(model, ids: torch.Tensor, new_tokens: int, pad_token_id: int
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=pad_token_id,
-        logits_processor=LogitsProcessorList([clock]),
-        return_dict_in_generate=True,
-    )
+    out = greedy_generate(model, ids, new_tokens, pad_token_id, min_new_tokens=new_tokens,
+                          logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True)
     decode_s = clock.stamps[-1] - clock.stamps[0]
     return clock.stamps[0] - start, (len(clock.stamps) - 1) / decode_s, out
 
@@ -173,8 +165,7 @@ def crossover(lengths: list[int], student: list[float], teacher: list[float]) ->
 
 def evaluate_efficiency(student, teacher, tokenizer, cfg: EfficiencyConfig, *, seed: int, progress: bool) -> dict:
     vocab_size = min(len(tokenizer), teacher.config.vocab_size)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pad = 0 if pad is None else pad
+    pad = pad_id_of(tokenizer)
     # One short run each first, so lazy initialisation and allocator growth are not timed at the first length.
     for model in (teacher, student):
         measure(model, min(cfg.context_lengths), cfg.model_copy(update={"repeats": 1}), vocab_size=vocab_size, pad_token_id=pad, seed=seed)
@@ -190,14 +181,11 @@ def evaluate_efficiency(student, teacher, tokenizer, cfg: EfficiencyConfig, *, s
     for length, who in tqdm(jobs, desc="efficiency", disable=not progress):
         model = teacher if who == "teacher" else student
         results[who][length] = measure(model, length, cfg, vocab_size=vocab_size, pad_token_id=pad, seed=seed)
+    # Where the student starts to win: lower is better for costs, higher for decode speed (hence negated).
+    signs = {"prefill_s": 1, "decode_tokens_per_s": -1, "peak_memory_bytes": 1, "cache_bytes": 1}
     lengths = cfg.context_lengths
-    for key in ("prefill_s", "peak_memory_bytes", "cache_bytes"):
-        s = [results["student"][n][key] for n in lengths]
-        t = [results["teacher"][n][key] for n in lengths]
-        results.setdefault("crossover", {})[key] = None if None in s + t else crossover(lengths, s, t)
-    results["crossover"]["decode_tokens_per_s"] = crossover(
-        lengths,
-        [-results["student"][n]["decode_tokens_per_s"] for n in lengths],
-        [-results["teacher"][n]["decode_tokens_per_s"] for n in lengths],
-    )
+    results["crossover"] = {
+        key: crossover(lengths, *([sign * results[who][n][key] for n in lengths] for who in ("student", "teacher")))
+        for key, sign in signs.items()
+    }
     return results

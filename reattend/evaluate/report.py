@@ -121,11 +121,7 @@ def plot_efficiency(results: dict, path: Path) -> str:
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
     for ax, (key, label, scale) in zip(axes, panels):
-        values = {who: [results[who][n][key] for n in lengths] for who in ("teacher", "student")}
-        if None in values["teacher"] + values["student"]:
-            ax.set_axis_off()
-            continue
-        _pair_lines(ax, lengths, [v / scale for v in values["teacher"]], [v / scale for v in values["student"]], "", "C0")
+        _pair_lines(ax, lengths, *([results[who][n][key] / scale for n in lengths] for who in ("teacher", "student")), "", "C0")
         cross = results["crossover"].get(key)
         if cross is not None:
             ax.axvline(cross, color="C2", linestyle=":", label=f"crossover ≈ {cross:.0f}")
@@ -192,8 +188,7 @@ def write_report(metrics: dict, out_dir: Path) -> Path:
     if "efficiency" in metrics:
         eff = metrics["efficiency"]
         parts += ["## Efficiency", "", f"Device: {eff['device']}. Peak memory: {eff['memory_note']}", ""]
-        rows = [[n, who, r["prefill_s"], r["decode_tokens_per_s"],
-                 None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / MiB,
+        rows = [[n, who, r["prefill_s"], r["decode_tokens_per_s"], r["peak_memory_bytes"] / MiB,
                  r["cache_bytes"] / MiB, r["cache_bytes_per_token"]]
                 for n in sorted(eff["teacher"]) for who in ("teacher", "student") for r in [eff[who][n]]]
         parts += [_table(["length", "model", "prefill s", "decode tok/s", "peak MiB", "cache MiB", "cache B/token"], rows), ""]
