@@ -124,6 +124,10 @@ def test_tensor_bytes_counts_shared_tensors_once():
 def test_crossover():
     assert crossover([1, 2, 4], [3.0, 2.0, 1.0], [1.0, 2.0, 3.0]) == pytest.approx(2.0)
     assert crossover([1, 2, 4], [3.0, 3.0, 1.0], [1.0, 2.0, 3.0]) == pytest.approx(2 + 1 / 3 * 2)
+    # Below, then above again at the longest length (timing noise, or a real reversal): no crossover.
+    assert crossover([1, 2, 4], [3.0, 1.0, 4.0], [2.0, 2.0, 3.0]) is None
+    # Dipping below early does not count; the crossing that lasts does.
+    assert crossover([1, 2, 4, 8], [1.0, 3.0, 2.0, 1.0], [2.0, 2.0, 2.0, 2.0]) == pytest.approx(4.0)
     assert crossover([1, 2], [0.5, 0.5], [1.0, 1.0]) is None
     assert crossover([1, 2], [2.0, 2.0], [1.0, 1.0]) is None
 

@@ -151,16 +151,16 @@ def measure(model, length: int, cfg: EfficiencyConfig, *, vocab_size: int, pad_t
 
 
 def crossover(lengths: list[int], student: list[float], teacher: list[float]) -> float | None:
-    """First context length at which the student's value drops below the teacher's (linear interpolation
-    between measured lengths); None if it never does or is below from the first length on."""
+    """Context length from which the student's value stays below the teacher's up to the longest measured
+    length, interpolated linearly between the two measured lengths around the crossing. None when the
+    student is not below at the longest length, or is below at every length (nothing crosses)."""
     diffs = [s - t for s, t in zip(student, teacher)]
-    if not diffs or diffs[0] < 0:
+    last_not_below = max((i for i, d in enumerate(diffs) if d >= 0), default=None)
+    if last_not_below is None or last_not_below == len(diffs) - 1:
         return None
-    for i in range(1, len(diffs)):
-        if diffs[i] < 0:
-            frac = diffs[i - 1] / (diffs[i - 1] - diffs[i])
-            return lengths[i - 1] + frac * (lengths[i] - lengths[i - 1])
-    return None
+    i = last_not_below + 1
+    frac = diffs[i - 1] / (diffs[i - 1] - diffs[i])
+    return lengths[i - 1] + frac * (lengths[i] - lengths[i - 1])
 
 
 def evaluate_efficiency(student, teacher, tokenizer, cfg: EfficiencyConfig, *, seed: int, progress: bool) -> dict:

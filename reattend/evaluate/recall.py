@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import RecallConfig
+from .quality import model_device
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
 
@@ -109,8 +110,7 @@ def score_sample(model, sample: RecallSample) -> list[bool]:
     first = min(start for start, _ in sample.answers)
     # Only positions from the one before the first answer onwards are needed: skip the rest of the logits.
     keep = len(sample.ids) - first + 1
-    device = next(model.parameters()).device
-    ids = torch.tensor([sample.ids], device=device)
+    ids = torch.tensor([sample.ids], device=model_device(model))
     logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[0, -keep:]
     offset = len(sample.ids) - keep
     predicted = logits.argmax(-1).cpu()

@@ -192,9 +192,9 @@ def write_report(metrics: dict, out_dir: Path) -> Path:
                  r["cache_bytes"] / MiB, r["cache_bytes_per_token"]]
                 for n in sorted(eff["teacher"]) for who in ("teacher", "student") for r in [eff[who][n]]]
         parts += [_table(["length", "model", "prefill s", "decode tok/s", "peak MiB", "cache MiB", "cache B/token"], rows), ""]
-        crossings = [f"{key}: {'≈ %.0f tokens' % v if v is not None else 'none in the measured range'}"
-                     for key, v in eff["crossover"].items()]
-        parts += ["Student becomes cheaper than teacher at — " + "; ".join(crossings) + ".", "",
+        parts += ["Where the student becomes cheaper than the teacher (faster, for decode) and stays so:", ""]
+        parts += [f"- {key}: {_crossing_text(eff, key)}" for key in eff["crossover"]]
+        parts += ["",
                   f"![efficiency]({plot_efficiency(eff, out_dir / 'efficiency.png')})", ""]
     if "generations" in metrics:
         parts += ["## Generations (greedy)", ""]
@@ -205,6 +205,15 @@ def write_report(metrics: dict, out_dir: Path) -> Path:
     path = out_dir / "report.md"
     path.write_text("\n".join(parts))
     return path
+
+
+def _crossing_text(eff: dict, key: str) -> str:
+    if eff["crossover"][key] is not None:
+        return f"from ≈ {eff['crossover'][key]:.0f} tokens"
+    sign = -1 if key == "decode_tokens_per_s" else 1
+    if all(sign * eff["student"][n][key] < sign * eff["teacher"][n][key] for n in eff["teacher"]):
+        return "at every measured length"
+    return "not within the measured lengths"
 
 
 def _cell(text: str) -> str:
