@@ -136,7 +136,7 @@ def resolved(recipe: Recipe) -> dict:
     data = recipe.model_dump(mode="json")
     data["provenance"] = {
         "reattend": __version__,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }

@@ -161,18 +161,36 @@ def test_cli_validate_plan_ls(tmp_path, tiny_model_dir, corpus_file, capsys):
     assert main(["plan", str(recipe_path), "convert.rules.0.options.window=8"]) == 0
     out = capsys.readouterr().out
     assert "| 0 | linear | feature_map=hedgehog, feature_dim=8" in out and "window=8" in out
+    assert main(["convert", str(recipe_path)]) == 0
+    capsys.readouterr()
     assert main(["ls", str(tmp_path / "out")]) == 0
-    assert "convert   -" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "convert   done" in listing and "transfer  -" in listing
+    assert main(["ls", str(tmp_path / "nowhere")]) == 2
+    assert "not a folder" in capsys.readouterr().err
 
 
-def test_accelerate_launch_two_processes(tmp_path, tiny_model_dir, corpus_file):
-    recipe_path = write_recipe(tmp_path / "r.yaml", tiny_model_dir, corpus_file, tmp_path / "out")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "reattend", "run", str(recipe_path), "transfer.tokens=256", "recover.tokens=128"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _launch(args, env_extra=None):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_accelerate_launch_cpu_command_runs(tmp_path, tiny_model_dir, corpus_file):
+    """The documented command; accelerate's --cpu launcher itself starts one process unless MPI is set up."""
+    recipe_path = write_recipe(tmp_path / "r.yaml", tiny_model_dir, corpus_file, tmp_path / "out")
+    _launch(["--num_processes", "2", "--cpu", "-m", "reattend", "transfer", str(recipe_path), "transfer.tokens=256"])
+    assert json.loads((tmp_path / "out" / "transfer" / "done.json").read_text())["tokens"] == 256
+
+
+def test_two_process_data_parallel_run_on_cpu(tmp_path, tiny_model_dir, corpus_file):
+    """Two real DDP processes (gloo): torch's launcher via accelerate, told to stay on the CPU."""
+    recipe_path = write_recipe(tmp_path / "r.yaml", tiny_model_dir, corpus_file, tmp_path / "out")
+    _launch(["--multi_gpu", "--num_processes", "2", "-m", "reattend", "run", str(recipe_path),
+             "transfer.tokens=256", "recover.tokens=128"], {"ACCELERATE_USE_CPU": "1"})
     done = json.loads((tmp_path / "out" / "transfer" / "done.json").read_text())
     assert done["tokens"] == 256 and done["steps"] == 2  # 2 processes x batch 2 x 32 tokens per step
     assert (tmp_path / "out" / "export" / "model" / "config.json").exists()

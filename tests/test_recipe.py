@@ -27,7 +27,7 @@ def test_shipped_recipes_validate():
 def test_unknown_key_is_refused_with_its_path():
     with pytest.raises(RecipeError, match=r"transfer\.tokenz: unknown key"):
         recipe_from_dict(_with(transfer={"tokenz": 5}))
-    with pytest.raises(RecipeError, match=r"convert\.rules\.0\.options\.windw"):
+    with pytest.raises(RecipeError, match=r"convert\.rules\.0: .*options\.windw: unknown key"):
         recipe_from_dict(_with(convert={"rules": [{"layers": "all", "target": "linear", "options": {"windw": 3}}]}))
 
 

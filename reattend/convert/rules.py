@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .linear import LinearOptions
 
@@ -57,7 +57,15 @@ class Rule(BaseModel):
             if self.options:
                 raise ValueError(f"target 'keep' takes no options, got {sorted(self.options)}")
         else:
-            self.options = schema(**self.options).model_dump()
+            try:
+                self.options = schema(**self.options).model_dump()
+            except ValidationError as err:
+                problems = []
+                for e in err.errors():
+                    where = ".".join(str(p) for p in ("options", *e["loc"]))
+                    what = "unknown key for this target" if e["type"] == "extra_forbidden" else e["msg"]
+                    problems.append(f"{where}: {what} (got {e.get('input')!r})")
+                raise ValueError("; ".join(problems)) from None
         return self
 
     def matches(self, layer_idx: int) -> bool:
