@@ -1,0 +1,1 @@
+"""Teacher loading and per-architecture adapters."""
