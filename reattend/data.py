@@ -179,8 +179,8 @@ def _dataset_documents(source: DataSource) -> list[str]:
         except (OSError, ValueError) as err:
             raise DataError(
                 f"data set {source.path!r} (config {source.config_name!r}, split {source.split!r}) cannot be "
-                f"loaded: {str(err).rstrip('.')}. If this machine is offline, save the text as local .txt/.jsonl/.parquet files "
-                "and use kind: text/json/parquet with path: <file>"
+                f"loaded: {str(err).rstrip('.')}. If this machine is offline, save the text as local "
+                ".txt/.jsonl/.parquet files and use kind: text/json/parquet with path: <file>"
             ) from None
     else:
         # A text file's documents are its lines (the `datasets` text builder); json/parquet ones are rows.

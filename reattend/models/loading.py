@@ -98,8 +98,9 @@ def resolve_model_dir(source: str) -> str:
         if not (target / "config.json").is_file():
             _convert_gguf(name, EMBEDDED[name], target)
         return str(target)
-    if Path(source).is_dir():
-        return source
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return str(local)
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise ModelLoadError(f"model {source!r}: no such folder; pass an existing folder saved with "
                              f"save_pretrained, a hub id (org/name), or {EMBEDDED_PREFIX}smollm2-135m")
@@ -121,8 +122,8 @@ def load_teacher(source: str, *, dtype: str = "float32", device: str | None = No
         if Path(folder).is_dir():
             raise ModelLoadError(f"model {source!r}: cannot load the folder {folder}: {err}") from None
         raise ModelLoadError(
-            f"model {source!r} cannot be loaded from the hub: {str(err).rstrip('.')}. This machine may be offline: download it "
-            f"elsewhere and pass a local folder, or use {EMBEDDED_PREFIX}smollm2-135m"
+            f"model {source!r} cannot be loaded from the hub: {str(err).rstrip('.')}. This machine may be offline: "
+            f"download it elsewhere and pass a local folder, or use {EMBEDDED_PREFIX}smollm2-135m"
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
