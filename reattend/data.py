@@ -27,7 +27,8 @@ class DataError(ValueError):
 
 
 class DataSource(BaseModel):
-    """Where documents come from: builtin real text, local files, or a hub data set."""
+    """Where documents come from: builtin real text, local files (a text file has one document per line),
+    or a hub data set."""
 
     model_config = ConfigDict(extra="forbid")
 
