@@ -103,5 +103,5 @@ def tiny_model_dir(tmp_path_factory):
 def corpus_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     lines = [f"{i}. {CORPUS}" for i in range(60)]
-    path.write_text("\n\n".join(lines))
+    path.write_text("\n".join(lines))
     return path

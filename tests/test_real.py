@@ -31,6 +31,6 @@ def test_demo_recipe_small_budget_transfer_beats_untrained_conversion(tmp_path):
     transferred = json.loads((tmp_path / "run" / "transfer" / "done.json").read_text())
     name = "kjv-heldout"
     teacher, before, after = converted["teacher_perplexity"][name], converted["perplexity"][name], transferred["perplexity"][name]
-    assert 5 < teacher < 40, teacher
+    assert 5 < teacher < 100, teacher
     assert after < before, (before, after)
     assert transferred["tokens"] == 6144
