@@ -79,8 +79,8 @@ class ExpFeatureMap(_PerHeadLinear):
         return torch.cat([pos, neg], dim=-1).to(x.dtype)
 
 
-class EluFeatureMap(nn.Module):
-    """1 + ELU(x); no parameters, d features."""
+class _ParameterFree(nn.Module):
+    """A map with no weights: same constructor as the learned maps, d output features."""
 
     def __init__(self, num_heads: int, head_dim: int, feature_dim: int):
         super().__init__()
@@ -88,20 +88,17 @@ class EluFeatureMap(nn.Module):
     @staticmethod
     def output_dim(head_dim: int, feature_dim: int) -> int:
         return head_dim
+
+
+class EluFeatureMap(_ParameterFree):
+    """1 + ELU(x); no parameters, d features."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return 1.0 + torch.nn.functional.elu(x)
 
 
-class IdentityFeatureMap(nn.Module):
+class IdentityFeatureMap(_ParameterFree):
     """phi(x) = x: not positive, so only meaningful inside the hybrid or for tests."""
-
-    def __init__(self, num_heads: int, head_dim: int, feature_dim: int):
-        super().__init__()
-
-    @staticmethod
-    def output_dim(head_dim: int, feature_dim: int) -> int:
-        return head_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
