@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from .convert import convert_model, student_only_names
+from .convert import changed_tensors, convert_model
 from .convert.rules import resolve_plan
 from .data import build_splits, pack_blocks
 from .distill.recover import apply_adapter, run_recover
@@ -105,8 +105,7 @@ class Run:
             return stage.result()
         stage.begin(self.resolved)
         student = convert_model(self.teacher, self.plan)
-        stage.save_tensors(ATTENTION_FILE, {k: v for k, v in student.state_dict().items()
-                                            if k in set(student_only_names(student, self.teacher))})
+        stage.save_tensors(ATTENTION_FILE, changed_tensors(student, self.teacher))
         if stage.is_main:
             (stage.path / "plan.json").write_text(json.dumps(self.plan, indent=2))
         metrics = {"teacher_perplexity": self.heldout_perplexity(self.teacher, "teacher"),
@@ -126,8 +125,7 @@ class Run:
         result, params = run_transfer(stage, accelerator=self.accelerator, student=student,
                                       train_blocks=self.splits.train, cfg=self.recipe.transfer, seed=self.recipe.seed)
         student = self.accelerator.unwrap_model(student)
-        stage.save_tensors(ATTENTION_FILE, {k: v for k, v in student.state_dict().items()
-                                            if k in set(student_only_names(student, self.teacher))})
+        stage.save_tensors(ATTENTION_FILE, changed_tensors(student, self.teacher))
         return stage.finish({**result, "perplexity": self.heldout_perplexity(student, "after transfer")})
 
     def recover(self) -> dict:

@@ -61,6 +61,8 @@ def test_bad_target_options():
         recipe_from_dict(_with(convert={"rules": [{"target": "linear", "options": {"feature_map": "relu"}}]}))
     with pytest.raises(RecipeError, match="keep' takes no options"):
         recipe_from_dict(_with(convert={"rules": [{"target": "keep", "options": {"window": 4}}]}))
+    with pytest.raises(RecipeError, match=r"convert.rules.0.target.*'lineer' is unknown; choose one of \['keep', 'linear'"):
+        recipe_from_dict(_with(convert={"rules": [{"target": "lineer"}]}))
 
 
 def test_missing_data_file_names_the_field(tmp_path):

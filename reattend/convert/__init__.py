@@ -31,6 +31,17 @@ def student_only_names(student, teacher) -> list[str]:
     return [name for name in student.state_dict() if name not in teacher_keys]
 
 
+def changed_tensors(student, teacher) -> dict[str, torch.Tensor]:
+    """The student's tensors that are new or differ from the teacher's: all a stage needs to save to rebuild it."""
+    teacher_state = teacher.state_dict()
+    changed = {}
+    for name, tensor in student.state_dict().items():
+        old = teacher_state.get(name)
+        if old is None or old.shape != tensor.shape or not torch.equal(old.to(tensor.dtype), tensor):
+            changed[name] = tensor.detach().clone()
+    return changed
+
+
 def student_attention_modules(model):
     """(layer index, module) of every converted attention layer."""
     from ..modeling.modeling_reattend import ATTENTION_TARGETS
