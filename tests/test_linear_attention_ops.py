@@ -61,6 +61,34 @@ def test_chunked_hybrid_equals_quadratic(T, window, sinks, affine):
         torch.testing.assert_close(g, rg, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("T", [20, 61, 96])
+def test_linear_in_segments_equals_one_pass(T):
+    """Long inputs run in segments carrying the state; outputs, final state and gradients are unchanged."""
+    q, k, v, qf, kf, _ = _inputs(T)
+    state = torch.rand(2, 3, 6, 9, dtype=torch.float64)
+    one_pass = lambda a, b, c, s: torch.cat([x.flatten() for x in ops.chunked_linear_attention(  # noqa: E731
+        a, b, c, initial_state=s, chunk_size=8, output_final_state=True, segment_tokens=T)])
+    segmented = lambda a, b, c, s: torch.cat([x.flatten() for x in ops.chunked_linear_attention(  # noqa: E731
+        a, b, c, initial_state=s, chunk_size=8, output_final_state=True, segment_tokens=20)])
+    ref_out, ref_grads = _grads(one_pass, [qf, kf, v, state])
+    out, grads = _grads(segmented, [qf, kf, v, state])
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("T", [33, 70, 101])
+@pytest.mark.parametrize("window,sinks,segment", [(4, 0, 8), (5, 2, 12), (8, 3, 16), (6, 1, 6)])
+def test_hybrid_in_segments_equals_quadratic(T, window, sinks, segment):
+    q, k, v, qf, kf, gamma = _inputs(T)
+    kw = dict(window=window, sinks=sinks, scale=0.3, affine=True)
+    ref_out, ref_grads = _grads(lambda *t: ops.quadratic_hybrid_attention(*t, **kw), [q, k, v, qf, kf, gamma])
+    out, grads = _grads(lambda *t: ops.chunked_hybrid_attention(*t, **kw, segment_tokens=segment), [q, k, v, qf, kf, gamma])
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("T", [3, 17, 40])
 def test_hybrid_is_exact_softmax_when_window_covers_sequence(T):
     q, k, v, qf, kf, gamma = _inputs(T)
