@@ -24,7 +24,13 @@ def model_config(recipe: Recipe):
 def checked_plan(recipe: Recipe, config) -> list[dict]:
     try:
         converted_classes(config)
-        return resolve_plan(recipe.convert.rules, config.num_hidden_layers)
+        plan = resolve_plan(recipe.convert.rules, config.num_hidden_layers)
+        # Targets whose options depend on the layer's shape (e.g. an MLA rank) check it here, before any weights.
+        for idx, (entry, shape) in enumerate(zip(plan, layer_shapes(config))):
+            schema = TARGET_OPTIONS.get(entry["target"])
+            if hasattr(schema, "check_layer"):
+                schema(**{k: v for k, v in entry.items() if k != "target"}).check_layer(shape, idx)
+        return plan
     except ValueError as err:
         raise RecipeError(str(err)) from None
 

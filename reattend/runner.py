@@ -7,6 +7,7 @@ skipped, and a killed training stage resumes from its last checkpoint.
 from __future__ import annotations
 
 import json
+import time
 from functools import cached_property
 from pathlib import Path
 
@@ -80,15 +81,16 @@ class Run:
 
     # Students as of a finished stage, rebuilt from the teacher and the saved deltas.
     def student(self, upto: str):
-        student = convert_model(self.teacher, self.plan)
-        for name in ("recover", "transfer", "convert")[("recover", "transfer", "convert").index(upto):]:
+        student = convert_model(self.teacher, self.plan, initialise=False)  # the saved tensors hold what init made
+        # Oldest first: a later stage may save only what it trained (recover), the rest comes from earlier ones.
+        order = ("convert", "transfer", "recover")
+        for name in order[: order.index(upto) + 1]:
             tensors = self.stage(name).load_tensors(ATTENTION_FILE)
             if tensors is not None and self.stage(name).done:
                 student.load_state_dict(tensors, strict=False)
-                break
         if upto == "recover" and self.stage("recover").done:
             adapter = self.stage("recover").load_tensors(ADAPTER_FILE)
-            if adapter is not None:
+            if adapter:  # empty after full fine-tuning (recover.method: attention)
                 student = apply_adapter(student, self.recipe.recover, adapter)
         return student
 
@@ -104,13 +106,15 @@ class Run:
         if stage.done:
             return stage.result()
         stage.begin(self.resolved)
-        student = convert_model(self.teacher, self.plan)
+        started = time.perf_counter()
+        student = convert_model(self.teacher, self.plan, calibration=self.splits.train)
+        conversion_s = round(time.perf_counter() - started, 1)
         stage.save_tensors(ATTENTION_FILE, changed_tensors(student, self.teacher))
         if stage.is_main:
             (stage.path / "plan.json").write_text(json.dumps(self.plan, indent=2))
         metrics = {"teacher_perplexity": self.heldout_perplexity(self.teacher, "teacher"),
                    "perplexity": self.heldout_perplexity(student, "converted"),
-                   "converted_layers": sum(e["target"] != "keep" for e in self.plan)}
+                   "converted_layers": sum(e["target"] != "keep" for e in self.plan), "conversion_s": conversion_s}
         return stage.finish(metrics)
 
     def transfer(self) -> dict:
@@ -169,9 +173,21 @@ class Run:
         stage.begin(self.resolved)
         student = self.student(self.latest_student_stage())
         out = Path(self.recipe.export.dir or stage.path / "model")
+        if self.recipe.export.native:
+            if any(entry["target"] == "mla" for entry in self.plan):
+                from .export.native_deepseek import export_native_deepseek as export_native, native_config
+            else:
+                from .export.native_local import export_native_local as export_native, native_config
+
+            native_config(student)  # refuse an inexpressible plan before anything is written
         export_model(student, self.tokenizer, out, recipe=self.resolved, metrics=self.summary(),
                      max_shard_size=self.recipe.export.max_shard_size, dtype=self.recipe.export.dtype)
-        return stage.finish({"dir": str(out)})
+        result = {"dir": str(out)}
+        if self.recipe.export.native:
+            native = export_native(student, self.tokenizer, out.with_name(out.name + "-native"),
+                                   max_shard_size=self.recipe.export.max_shard_size)
+            result["native_dir"] = str(native)
+        return stage.finish(result)
 
     def push(self) -> dict:
         from .export.push import push_folder

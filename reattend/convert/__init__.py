@@ -7,8 +7,15 @@ import torch
 from ..models.adapters import converted_classes
 
 
-def convert_model(teacher, plan: list[dict]):
-    """Build the converted model for ``teacher`` (left untouched) with the per-layer ``plan``."""
+def convert_model(teacher, plan: list[dict], *, calibration: torch.Tensor | None = None, initialise: bool = True):
+    """Build the converted model for ``teacher`` (left untouched) with the per-layer ``plan``.
+
+    A target whose options class has ``initialise(student, teacher, layer_indices, plan, calibration)`` sets its
+    layers from the teacher and ``calibration`` (training token blocks); ``initialise=False`` builds only the
+    skeleton, for loading a stage's saved tensors. A module may name teacher submodules it folds away in
+    ``replaced_teacher_modules``; their weights may go unused."""
+    from .rules import TARGET_OPTIONS
+
     config_cls, model_cls = converted_classes(teacher.config)
     base = teacher.config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
@@ -18,12 +25,20 @@ def convert_model(teacher, plan: list[dict]):
     student = model_cls(config).to(next(teacher.parameters()).device)
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     new = set(student_only_names(student, teacher))
+    replaced = tuple(f"model.layers.{i}.self_attn.{name}." for i, module in student_attention_modules(student)
+                     for name in getattr(module, "replaced_teacher_modules", ()))
+    unexpected = [key for key in unexpected if not key.startswith(replaced)]
     if unexpected or set(missing) - new:
         raise RuntimeError(f"conversion lost teacher weights: missing={sorted(set(missing) - new)} unexpected={unexpected}")
     student.to(next(teacher.parameters()).dtype)
     if teacher.config.tie_word_embeddings:
         student.tie_weights()
-    return student.eval()
+    student.eval()
+    for target in dict.fromkeys(entry["target"] for entry in plan):
+        hook = getattr(TARGET_OPTIONS.get(target), "initialise", None)
+        if initialise and hook is not None:
+            hook(student, teacher, [i for i, e in enumerate(plan) if e["target"] == target], plan, calibration)
+    return student
 
 
 def student_only_names(student, teacher) -> list[str]:

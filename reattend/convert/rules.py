@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .linear import LinearOptions
+from .local import LocalOptions
+from .mla import MlaOptions
+from .moh import MohOptions
 
-# target name -> options schema; ``keep`` takes none.
-TARGET_OPTIONS: dict[str, type[BaseModel]] = {"linear": LinearOptions}
+# target name -> options schema (a pydantic model with ``state_bytes(shape, dtype_bytes)``); ``keep`` takes none.
+# A new target registers its options here and its attention module in ``modeling_reattend.ATTENTION_TARGETS``.
+TARGET_OPTIONS: dict[str, type[BaseModel]] = {"linear": LinearOptions, "local": LocalOptions, "mla": MlaOptions, "moh": MohOptions}
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 
 
@@ -41,8 +45,15 @@ class Rule(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     layers: int | str | list[int | str] = "all"
-    target: Literal["keep", "linear"]
+    target: str
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, value):
+        if value != "keep" and value not in TARGET_OPTIONS:
+            raise ValueError(f"target {value!r} is unknown; choose one of {['keep', *TARGET_OPTIONS]}")
+        return value
 
     @field_validator("layers")
     @classmethod

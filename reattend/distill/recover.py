@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..convert import student_attention_modules
 from .loop import train
 from .losses import kl_to_teacher, next_token_loss
 from .transfer import trainable_feature_parameters
@@ -25,6 +28,8 @@ class RecoverConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
+    method: Literal["lora", "attention"] = Field(
+        "lora", description="lora: LoRA on lora.targets; attention: full fine-tuning of every converted attention layer")
     tokens: int = Field(2_000_000, ge=0)
     batch_size: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0)
@@ -55,11 +60,16 @@ def run_recover(stage, *, accelerator, student, teacher, train_blocks, cfg: Reco
     for p in student.parameters():
         p.requires_grad_(False)
     features = trainable_feature_parameters(student) if cfg.train_feature_maps else {}
-    peft_model = get_peft_model(student, lora_config(cfg))
+    if cfg.method == "attention":
+        ids = {id(p) for _, module in student_attention_modules(student) for p in module.parameters()}
+        features = {name: p for name, p in student.named_parameters() if id(p) in ids}
+    peft_model = student if cfg.method == "attention" else get_peft_model(student, lora_config(cfg))
     for p in features.values():
         p.requires_grad_(True)
     params = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
     use_teacher = cfg.kl_weight > 0
+    # Targets with an auxiliary loss (moh's load balance, already weighted by its option) expose it after a forward.
+    aux_modules = [(i, m) for i, m in student_attention_modules(student) if hasattr(m, "auxiliary_loss")]
 
     def step_loss(batch):
         logits = peft_model(input_ids=batch, use_cache=False).logits
@@ -74,6 +84,13 @@ def run_recover(stage, *, accelerator, student, teacher, train_blocks, cfg: Reco
             kl = kl_to_teacher(logits, teacher_logits, cfg.kl_temperature)
             record["kl"] = kl.item()
             loss = loss + cfg.kl_weight * kl
+        for layer_idx, module in aux_modules:
+            aux = module.auxiliary_loss()
+            if aux is not None:
+                record[f"aux/layer{layer_idx}"] = round(aux.item(), 6)
+                loss = loss + aux
+            if getattr(module, "head_usage", None) is not None:
+                record[f"head_usage/layer{layer_idx}"] = [round(u, 4) for u in module.head_usage.tolist()]
         return loss, record
 
     result = train(stage, accelerator=accelerator, model=peft_model, params=params, step_loss=step_loss,
@@ -81,12 +98,18 @@ def run_recover(stage, *, accelerator, student, teacher, train_blocks, cfg: Reco
                    weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, seed=seed,
                    log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)
     peft_model = accelerator.unwrap_model(peft_model)
+    feature_tensors = {name: p.detach().clone() for name, p in features.items()}
+    if cfg.method == "attention":
+        return result, {}, feature_tensors, _frozen(peft_model)
     adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
-    feature_tensors = {name: p.detach().clone() for name, p in trainable_feature_parameters(student).items()} if features else {}
-    merged = peft_model.merge_and_unload()
-    for p in merged.parameters():
+    return result, adapter, feature_tensors, _frozen(peft_model.merge_and_unload())
+
+
+def _frozen(model):
+    """The trained model, frozen and in eval mode, for the stage's closing perplexity."""
+    for p in model.parameters():
         p.requires_grad_(False)
-    return result, adapter, feature_tensors, merged.eval()
+    return model.eval()
 
 
 def apply_adapter(student, cfg: RecoverConfig, adapter: dict[str, torch.Tensor]):

@@ -40,6 +40,10 @@ def run_transfer(stage, *, accelerator, student, train_blocks, cfg: TransferConf
     for p in student.parameters():
         p.requires_grad_(False)
     params = trainable_feature_parameters(student)
+    if not params:
+        targets = sorted({module.target for _, module in modules})
+        raise ValueError(f"transfer: the converted layers ({', '.join(targets)}) have nothing for attention transfer to "
+                         "train with these options; set transfer.enabled: false")
     for p in params.values():
         p.requires_grad_(True)
     for _, module in modules:

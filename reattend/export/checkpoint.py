@@ -28,6 +28,9 @@ class ExportConfig(BaseModel):
     dir: str | None = Field(None, description="default: <output_dir>/export")
     max_shard_size: str = "2GB"
     dtype: str | None = Field(None, description="cast weights before saving, e.g. bfloat16; default: as trained")
+    native: bool = Field(False, description="also write a stock-transformers checkpoint to <dir>-native, where a stock "
+                                            "config can express the plan (local layers -> sliding_window/layer_types; "
+                                            "all-mla -> deepseek_v3)")
 
 
 def bundled_files() -> list[Path]:

@@ -16,9 +16,14 @@ from .configuration_reattend import (
     ReattendQwen3Config,
 )
 from .linear_attention import LinearAttention
+from .local_attention import LocalAttention
+from .mla_attention import MlaAttention
+from .moh_attention import MohAttention
 
-# target name -> attention module class with ``from_teacher(teacher_attn, config, layer_idx, **options)``
-ATTENTION_TARGETS = {cls.target: cls for cls in (LinearAttention,)}
+# target name -> attention module class. Each class has ``target`` (its name), ``from_teacher(teacher_attn, config,
+# layer_idx, **options)``, ``feature_parameters()`` (what attention transfer trains) and a ``distill`` attribute:
+# when set to a dict, forward returns the teacher's attention output and stores ``distill["losses"]`` ({"mse": ...}).
+ATTENTION_TARGETS = {cls.target: cls for cls in (LinearAttention, LocalAttention, MlaAttention, MohAttention)}
 
 
 def build_student_attention(teacher_attn, config, layer_idx: int, entry: dict):
