@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,31 +38,38 @@ def bundled_files() -> list[Path]:
     return sorted(p for p in MODELING_DIR.glob("*.py") if p.name != "__init__.py")
 
 
-def export_model(student, tokenizer, out_dir: str | Path, *, recipe: dict | None = None, metrics: dict | None = None,
-                 max_shard_size: str = "2GB", dtype: str | None = None) -> Path:
-    out_dir = Path(out_dir)
+@contextmanager
+def atomic_folder(out_dir: Path):
+    """Yield a fresh temporary folder beside ``out_dir`` that replaces ``out_dir`` once the block has finished."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    if dtype is not None:
-        student = student.to(getattr(torch, dtype))
-    student.save_pretrained(tmp, max_shard_size=max_shard_size)
-    config_path = tmp / "config.json"
-    config = json.loads(config_path.read_text())
-    config["auto_map"] = {
-        "AutoConfig": f"configuration_reattend.{type(student.config).__name__}",
-        "AutoModelForCausalLM": f"modeling_reattend.{type(student).__name__}",
-    }
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
-    for source in bundled_files():
-        shutil.copy2(source, tmp / source.name)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if recipe is not None:
-        (tmp / "reattend_recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    if metrics is not None:
-        (tmp / "reattend_metrics.json").write_text(json.dumps(metrics, indent=2))
-    write_model_card(tmp / "README.md", config=config, recipe=recipe, metrics=metrics)
+    yield tmp
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
+
+
+def export_model(student, tokenizer, out_dir: str | Path, *, recipe: dict | None = None, metrics: dict | None = None,
+                 max_shard_size: str = "2GB", dtype: str | None = None) -> Path:
+    out_dir = Path(out_dir)
+    with atomic_folder(out_dir) as tmp:
+        if dtype is not None:
+            student = student.to(getattr(torch, dtype))
+        student.save_pretrained(tmp, max_shard_size=max_shard_size)
+        config_path = tmp / "config.json"
+        config = json.loads(config_path.read_text())
+        config["auto_map"] = {
+            "AutoConfig": f"configuration_reattend.{type(student.config).__name__}",
+            "AutoModelForCausalLM": f"modeling_reattend.{type(student).__name__}",
+        }
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+        for source in bundled_files():
+            shutil.copy2(source, tmp / source.name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if recipe is not None:
+            (tmp / "reattend_recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        if metrics is not None:
+            (tmp / "reattend_metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_model_card(tmp / "README.md", config=config, recipe=recipe, metrics=metrics)
     return out_dir

@@ -17,8 +17,6 @@ against the stock rotary embedding.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from ..convert import student_attention_modules
 from ..modeling.mla_attention import MlaAttention
+from .checkpoint import atomic_folder
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 FALLBACK = "export in reattend's format only (export.native: false)"
@@ -117,12 +116,8 @@ def export_native_deepseek(student, tokenizer, out_dir: str | Path, *, max_shard
     """Write the deepseek_v3 checkpoint to ``out_dir`` (via a temporary folder renamed into place)."""
     out_dir = Path(out_dir)
     native = native_model(student)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    native.save_pretrained(tmp, max_shard_size=max_shard_size)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with atomic_folder(out_dir) as tmp:
+        native.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return out_dir

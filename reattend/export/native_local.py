@@ -8,12 +8,12 @@ names. Sink tokens have no stock equivalent, so a plan with ``sinks > 0`` is ref
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig
+
+from .checkpoint import atomic_folder
 
 # Fields MistralConfig shares with LlamaConfig; the rest of a Llama config (attention/mlp bias) must be at default.
 _MISTRAL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -90,12 +90,8 @@ def export_native_local(student, tokenizer, out_dir: str | Path, *, max_shard_si
     if config.tie_word_embeddings:
         stock.tie_weights()
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    stock.save_pretrained(tmp, max_shard_size=max_shard_size)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with atomic_folder(out_dir) as tmp:
+        stock.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return out_dir
