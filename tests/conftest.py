@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import torch
 
@@ -105,3 +108,40 @@ def corpus_file(tmp_path_factory):
     lines = [f"{i}. {CORPUS}" for i in range(60)]
     path.write_text("\n".join(lines))
     return path
+
+
+def logits_in_pieces(model, ids, starts, cache=None):
+    """Feed ``ids`` through ``model`` in pieces beginning at ``starts`` (the first piece at 0), carrying one cache.
+
+    Returns the concatenated logits, to compare with one full forward, and the cache."""
+    bounds = [0, *starts, ids.shape[1]]
+    pieces = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        out = model(ids[:, lo:hi], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        pieces.append(out.logits)
+    return torch.cat(pieces, dim=1), cache
+
+
+def reload_without_reattend(tmp_path, folders, ids, expected_logits) -> list[str]:
+    """Load each ``(folder, trust_remote_code)`` in a fresh interpreter where reattend cannot be imported; check its
+    logits on ``ids`` and that it generates. Returns the module of each loaded model class."""
+    torch.save({"ids": ids, "logits": expected_logits}, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["reattend"] = None  # reattend must not be importable here
+        import torch
+        from transformers import AutoModelForCausalLM
+        data = torch.load({str(tmp_path / "expected.pt")!r})
+        for folder, remote in {[(str(folder), remote) for folder, remote in folders]!r}:
+            model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote).eval()
+            with torch.no_grad():
+                torch.testing.assert_close(model(data["ids"]).logits, data["logits"], rtol=1e-5, atol=1e-5)
+            out = model.generate(data["ids"][:, :8], max_new_tokens=5, do_sample=False, pad_token_id=0)
+            assert out.shape == (1, 13)
+            print("RELOAD-OK", type(model).__module__)
+    """)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [line.split()[1] for line in result.stdout.splitlines() if line.startswith("RELOAD-OK")]

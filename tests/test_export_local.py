@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_teacher
+from conftest import reload_without_reattend, tiny_teacher
 from transformers import AutoModelForCausalLM
 
 from reattend.convert import convert_model
@@ -55,11 +55,6 @@ def test_native_export_refuses_what_stock_configs_cannot_express(tmp_path, arch,
 
 
 def test_local_recipe_runs_every_stage_and_both_exports_reload_without_reattend(tmp_path, tiny_model_dir, corpus_file):
-    import os
-    import subprocess
-    import sys
-    import textwrap
-
     from test_pipeline import write_recipe
 
     from reattend.recipe import load_recipe
@@ -74,22 +69,7 @@ def test_local_recipe_runs_every_stage_and_both_exports_reload_without_reattend(
     ids = torch.randint(0, 100, (1, 40))
     with torch.no_grad():
         expected = run.student("recover")(ids).logits
-    torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
-    script = textwrap.dedent(f"""
-        import sys
-        sys.modules["reattend"] = None  # neither export may need reattend
-        import torch
-        from transformers import AutoModelForCausalLM
-        data = torch.load({str(tmp_path / "expected.pt")!r})
-        for folder, remote in (({summary["export"]["dir"]!r}, True), ({summary["export"]["native_dir"]!r}, False)):
-            model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote).eval()
-            with torch.no_grad():
-                torch.testing.assert_close(model(data["ids"]).logits, data["logits"], rtol=1e-5, atol=1e-5)
-            out = model.generate(data["ids"][:, :8], max_new_tokens=5, do_sample=False, pad_token_id=0)
-            assert out.shape == (1, 13)
-            print("RELOAD-OK", type(model).__module__)
-    """)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "RELOAD-OK transformers_modules" in result.stdout and "RELOAD-OK transformers.models.mistral" in result.stdout
+    modules = reload_without_reattend(
+        tmp_path, [(summary["export"]["dir"], True), (summary["export"]["native_dir"], False)], ids, expected)
+    assert len(modules) == 2 and modules[0].startswith("transformers_modules")
+    assert modules[1].startswith("transformers.models.mistral")

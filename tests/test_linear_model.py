@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import ARCHS, tiny_teacher
+from conftest import ARCHS, logits_in_pieces, tiny_teacher
 
 from reattend.convert import convert_model, student_attention_modules
 from reattend.modeling.linear_attention import LinearAttention, teacher_attention
@@ -44,13 +44,8 @@ def test_prefill_then_token_by_token_decode_equals_full_forward(arch, plan):
     ids = torch.randint(0, 128, (2, 19))
     with torch.no_grad():
         full = student(ids).logits
-        out = student(ids[:, :7], use_cache=True)
-        pieces, cache = [out.logits], out.past_key_values
-        for t in range(7, 19):
-            out = student(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-            pieces.append(out.logits)
-        # a multi-token step after decoding started goes through the same per-token path
-        torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+        pieces, _ = logits_in_pieces(student, ids, range(7, 19))
+        torch.testing.assert_close(pieces, full, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(full, teacher(ids).logits, atol=1e-3), "the conversion should change the model"
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCHS, tiny_teacher
+from conftest import ARCHS, logits_in_pieces, tiny_teacher
 from transformers import DynamicCache
 
 from reattend.convert import convert_model
@@ -86,12 +86,9 @@ def test_prefill_plus_decode_equals_full_forward(arch, window, sinks):
     ids = torch.randint(0, 128, (2, 23))
     with torch.no_grad():
         full = student(ids).logits
-        cache = DynamicCache(config=student.config)
-        steps = [student(ids[:, :9], past_key_values=cache, use_cache=True).logits]
-        steps.append(student(ids[:, 9:12], past_key_values=cache, use_cache=True).logits)  # several tokens at once
-        for t in range(12, ids.shape[1]):
-            steps.append(student(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+        # prefill, several tokens at once, then single tokens
+        steps, cache = logits_in_pieces(student, ids, [9, *range(12, ids.shape[1])], DynamicCache(config=student.config))
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-4)
     for idx in range(1, n):
         layer = cache.layers[idx]
         assert isinstance(layer, SinkSlidingWindowLayer)

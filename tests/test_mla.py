@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import ARCHS, tiny_teacher
+from conftest import ARCHS, logits_in_pieces, tiny_teacher
 
 from reattend.convert import changed_tensors, convert_model, student_attention_modules
 from reattend.convert.mla import MlaOptions, freqfold_candidates
@@ -103,13 +103,8 @@ def test_prefill_then_decode_equals_full_forward(arch):
     ids = torch.randint(0, 128, (2, 19))
     with torch.no_grad():
         full = student(ids).logits
-        out = student(ids[:, :7], use_cache=True)
-        pieces, cache = [out.logits], out.past_key_values
-        for t in range(7, 17):
-            out = student(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-            pieces.append(out.logits)
-        pieces.append(student(ids[:, 17:], past_key_values=cache, use_cache=True).logits)  # a 2-token chunk
-        torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
+        pieces, _ = logits_in_pieces(student, ids, range(7, 18))  # single tokens, then a 2-token chunk
+        torch.testing.assert_close(pieces, full, rtol=1e-4, atol=1e-4)
         assert not torch.allclose(full, teacher(ids).logits, atol=1e-3), "rank r < 2L - d_rope must change the model"
 
 

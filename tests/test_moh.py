@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import ARCHS, tiny_teacher
+from conftest import ARCHS, logits_in_pieces, tiny_teacher
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -204,14 +204,8 @@ def test_prefill_then_decode_equals_full_forward(arch):
     with torch.no_grad():
         full = student(ids).logits
         # short prefill (masked-dense path), a 16-token chunk on the sparse path with cache offsets, then decode steps
-        out = student(ids[:, :4], use_cache=True)
-        pieces, cache = [out.logits], out.past_key_values
-        out = student(ids[:, 4:20], past_key_values=cache, use_cache=True)
-        pieces.append(out.logits)
-        for t in range(20, SEQ):
-            out = student(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-            pieces.append(out.logits)
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+        pieces, _ = logits_in_pieces(student, ids, [4, *range(20, SEQ)])
+    torch.testing.assert_close(pieces, full, rtol=1e-5, atol=1e-5)
 
 
 def test_generate_is_deterministic_and_matches_greedy_forward():

@@ -4,11 +4,11 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 import yaml
+from conftest import reload_without_reattend
 
 from reattend.cli import main
 from reattend.pipeline import NonFiniteLossError
@@ -95,25 +95,8 @@ def test_export_reloads_without_reattend_and_matches(finished_run, tmp_path):
     ids = torch.randint(0, 100, (1, 40))
     with torch.no_grad():
         expected = student(ids).logits
-    torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
-    script = textwrap.dedent(f"""
-        import sys
-        sys.modules["reattend"] = None  # reattend must not be importable here
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(export_dir)!r}, trust_remote_code=True).eval()
-        data = torch.load({str(tmp_path / "expected.pt")!r})
-        with torch.no_grad():
-            logits = model(data["ids"]).logits
-        torch.testing.assert_close(logits, data["logits"], rtol=1e-5, atol=1e-5)
-        out = model.generate(data["ids"][:, :8], max_new_tokens=5, do_sample=False, pad_token_id=0)
-        assert out.shape == (1, 13)
-        print("RELOAD-OK", type(model).__module__)
-    """)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "RELOAD-OK transformers_modules" in result.stdout
+    modules = reload_without_reattend(tmp_path, [(export_dir, True)], ids, expected)
+    assert len(modules) == 1 and modules[0].startswith("transformers_modules")
 
 
 def test_export_loads_natively_after_import_reattend(finished_run):
