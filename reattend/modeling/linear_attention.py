@@ -36,6 +36,19 @@ def apply_rope(q, k, cos, sin):
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+def project_qkv(hidden_states, position_embeddings, projections, q_norm, k_norm, head_dim: int):
+    """Heads-first q, k (normed as the teacher does, RoPE applied) and v of a teacher-style attention layer."""
+    q_proj, k_proj, v_proj = projections
+    shape = (*hidden_states.shape[:-1], -1, head_dim)
+    q, k = q_proj(hidden_states).view(shape), k_proj(hidden_states).view(shape)
+    v = v_proj(hidden_states).view(shape).transpose(1, 2)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    cos, sin = position_embeddings
+    q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    return q, k, v
+
+
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
@@ -93,15 +106,8 @@ class LinearAttention(nn.Module):
         return [*seen.values(), self.gamma_logit]
 
     def _project(self, hidden_states, position_embeddings):
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape)
-        k = self.k_proj(hidden_states).view(shape)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = position_embeddings
-        q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        return q, k, v
+        return project_qkv(hidden_states, position_embeddings, (self.q_proj, self.k_proj, self.v_proj),
+                           self.q_norm, self.k_norm, self.head_dim)
 
     def _student(self, q, k, v):
         """Whole-sequence student attention on per-query-head q/k/v (no cache)."""

@@ -18,7 +18,6 @@ sequences of equal length or pad on the right (left padding would let queries se
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +25,11 @@ from torch import nn
 from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.masking_utils import and_masks, causal_mask_function, or_masks, sliding_window_overlay
 
-from .linear_attention import apply_rope, teacher_attention
+from .attention_backend import resolve_backend
+from .linear_attention import project_qkv, teacher_attention
 
 _MIN_CHUNK = 64
+_LOCAL_BACKENDS = {"triton": "flex", "reference": "sdpa"}
 
 
 def sink_overlay(sinks: int):
@@ -52,17 +53,6 @@ def local_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, sinks: int
     return local_mask_function(window, sinks)(zero, zero, q_pos.view(-1, 1), k_pos.view(1, -1))
 
 
-def resolve_local_backend(tensor: torch.Tensor) -> str:
-    """``REATTEND_KERNELS``: ``auto`` (FlexAttention on CUDA, chunked SDPA elsewhere), ``triton`` (FlexAttention,
-    which compiles to a Triton kernel on GPUs; on CPU it runs unfused and is only meant for tests) or ``reference``."""
-    choice = os.environ.get("REATTEND_KERNELS", "auto")
-    if choice not in ("auto", "triton", "reference"):
-        raise ValueError(f"REATTEND_KERNELS={choice!r} is not one of ('auto', 'triton', 'reference')")
-    if choice == "auto":
-        return "flex" if tensor.is_cuda else "sdpa"
-    return "flex" if choice == "triton" else "sdpa"
-
-
 def local_attention(q, k, v, *, window: int, sinks: int = 0, scale: float, backend: str | None = None) -> torch.Tensor:
     """Causal local attention over a whole sequence starting at position 0.
 
@@ -71,7 +61,9 @@ def local_attention(q, k, v, *, window: int, sinks: int = 0, scale: float, backe
     T = q.shape[-2]
     if window >= T:  # the window covers every earlier token: plain causal attention, as the teacher computes it
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    if (backend or resolve_local_backend(q)) == "flex":
+    # REATTEND_KERNELS as for the other kernels: ``triton`` is FlexAttention (compiled to a Triton kernel on GPUs; on
+    # CPU it runs unfused, for tests), ``reference`` the chunked SDPA path.
+    if (backend or _LOCAL_BACKENDS[resolve_backend(q)]) == "flex":
         return _flex_local_attention(q, k, v, window=window, sinks=sinks, scale=scale)
     return _chunked_local_attention(q, k, v, window=window, sinks=sinks, scale=scale)
 
@@ -221,15 +213,8 @@ class LocalAttention(nn.Module):
         self._distill = value
 
     def _project(self, hidden_states, position_embeddings, projections=None):
-        q_proj, k_proj, v_proj = projections or (self.q_proj, self.k_proj, self.v_proj)
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        q, k = q_proj(hidden_states).view(shape), k_proj(hidden_states).view(shape)
-        v = v_proj(hidden_states).view(shape).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = position_embeddings
-        q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        return q, k, v
+        return project_qkv(hidden_states, position_embeddings, projections or (self.q_proj, self.k_proj, self.v_proj),
+                           self.q_norm, self.k_norm, self.head_dim)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         q, k, v = self._project(hidden_states, position_embeddings)

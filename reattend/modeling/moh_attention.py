@@ -28,17 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear_attention import apply_rope
 from .moh_ops import dense_attention, masked_dense_moh, moh_output, sparse_moh
 
 
 # Below this many new tokens (decode steps) all heads are computed and masked: a step is bound by reading the KV
 # cache, which every KV head's active query heads need anyway, and per-head gathering costs more than it saves.
 SPARSE_FROM_TOKENS = 16
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
 
 
 def _standardise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -160,9 +156,8 @@ class MohAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return q_raw, q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+        q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        return q_raw, q, k, v
 
     def attend(self, q, k, v, gates, selected, attention_mask=None) -> torch.Tensor:
         """Gated multi-head output after o_proj, (B, T, D), by ``self.path`` (short steps always masked-dense)."""
