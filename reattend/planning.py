@@ -66,8 +66,8 @@ def plan_table(recipe: Recipe) -> str:
         if entry["target"] == "keep":
             trainable, after, fixed, options = 0, before, 0, ""
         else:
-            trainable = sum(p.numel() for p in s_attn.feature_parameters())
             opts = TARGET_OPTIONS[entry["target"]](**{k: v for k, v in entry.items() if k != "target"})
+            trainable = sum(p.numel() for p in s_attn.feature_parameters()) if getattr(opts, "supports_transfer", True) else 0
             fixed, after = opts.state_bytes(shape, dtype_bytes)
             options = ", ".join(f"{k}={v}" for k, v in entry.items() if k != "target")
         for i, value in enumerate((trainable, delta, before, after, fixed)):
@@ -76,5 +76,6 @@ def plan_table(recipe: Recipe) -> str:
     rows.append(f"| all | | | {totals[0]:,} | {totals[1]:+,} | {totals[2]:,} | {totals[3]:,} | {totals[4]:,} |")
     return "\n".join(rows) + (
         "\n\nKV bytes/token: cache that grows with every token. Fixed state: per sequence, independent of length "
-        "(linear state in float32 + the softmax window and sink tokens)."
+        "(linear state in float32 + the softmax window and sink tokens). Trainable (transfer): parameters attention "
+        "transfer trains; 0 for targets without a transfer stage (mla: recovery trains the new projections)."
     )

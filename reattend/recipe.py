@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .convert.rules import Rule
+from .convert.rules import TARGET_OPTIONS, Rule
 from .data import DataConfig
 from .distill.recover import RecoverConfig
 from .distill.transfer import TransferConfig
@@ -58,6 +58,16 @@ class Recipe(BaseModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     push: PushConfig = Field(default_factory=PushConfig)
+
+    @model_validator(mode="after")
+    def _transfer_fits_targets(self):
+        if not self.transfer.enabled:
+            return self
+        for i, rule in enumerate(self.convert.rules):
+            if not getattr(TARGET_OPTIONS.get(rule.target), "supports_transfer", True):
+                raise ValueError(f"transfer.enabled is true, but convert.rules.{i} uses target {rule.target!r}, which "
+                                 "has no attention-transfer stage; set transfer.enabled: false (recovery trains it)")
+        return self
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -188,8 +188,12 @@ def test_mla_recipe_plans_converts_recovers_and_exports_natively(tmp_path, tiny_
                                transfer={"enabled": False}, recover={"method": "attention", "tokens": 32 * 2 * 3},
                                export={"native": True})
     assert main(["plan", str(recipe_path)]) == 0
-    # tiny Llama: 2 KV heads x head_dim 8 in float32 -> 2*2*8*4 = 128 bytes/token; MLA keeps (12 + 4) * 4 = 64
-    assert "| 128 | 64 | 0 |" in capsys.readouterr().out
+    # tiny Llama: 2 KV heads x head_dim 8 in float32 -> 2*2*8*4 = 128 bytes/token; MLA keeps (12 + 4) * 4 = 64.
+    # Nothing is trainable by transfer (the column reads 0): MLA has no transfer stage.
+    table = capsys.readouterr().out
+    assert "| 0 | +" in table and "| 128 | 64 | 0 |" in table
+    assert main(["validate", str(recipe_path), "transfer.enabled=true"]) == 2
+    assert "convert.rules.0 uses target 'mla', which has no attention-transfer stage" in capsys.readouterr().err
     assert main(["validate", str(recipe_path), "convert.rules.0.options.kv_lora_rank=40"]) == 2
     assert "kv_lora_rank=40 exceeds 2*H_kv*head_dim - qk_rope_head_dim = 2*2*8 - 4 = 28" in capsys.readouterr().err
     run = Run(load_recipe(recipe_path))

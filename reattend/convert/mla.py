@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class MlaOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # The teacher's keys are folded into the latent, so there is no per-layer teacher output to match inside the
+    # layer: MLA recovers by fine-tuning (recover.method) instead.
+    supports_transfer: ClassVar[bool] = False
 
     kv_lora_rank: int = Field(..., ge=1, description="r: latent width cached per token (with qk_rope_head_dim)")
     qk_rope_head_dim: int = Field(64, ge=2, description="d_rope: width of the shared key that keeps RoPE")
