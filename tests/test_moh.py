@@ -289,10 +289,25 @@ def test_pipeline_warms_up_the_router_and_recovers_with_the_balance_loss(tmp_pat
         usage = record["head_usage/layer1"]
         assert len(usage) == 3 and sum(usage) == pytest.approx(2.0, abs=1e-3), "each token uses top_k=2 of the 3 routed heads"
         assert record["aux/layer0"] > 0
+    assert (tmp_path / "out" / "recover" / "head_usage.png").stat().st_size > 0
+    assert not (tmp_path / "out" / "transfer" / "head_usage.png").exists()
     # the warmed-up router is what later stages rebuild
     before = convert_model(run.teacher, run.plan).model.layers[0].self_attn.routed_router.weight
     after = run.student("recover").model.layers[0].self_attn.routed_router.weight
     assert not torch.equal(before, after)
+
+
+def test_head_usage_plot_averages_the_logged_records(tmp_path):
+    from reattend.distill.head_usage_plot import mean_head_usage, write_head_usage_plot
+
+    assert write_head_usage_plot(tmp_path) is None, "no metrics.jsonl: nothing to plot"
+    records = [{"step": 1, "loss": 2.0},
+               {"step": 2, "head_usage/layer3": [0.5, 0.5, 1.0], "head_usage/layer1": [1.0, 0.0]},
+               {"step": 3, "head_usage/layer3": [0.25, 0.75, 1.0], "head_usage/layer1": [0.0, 1.0]}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert mean_head_usage(tmp_path / "metrics.jsonl") == {1: [0.5, 0.5], 3: [0.375, 0.625, 1.0]}
+    path = write_head_usage_plot(tmp_path)
+    assert path == tmp_path / "head_usage.png" and path.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_transfer_with_the_parameter_free_router_says_to_skip_it(tmp_path, tiny_model_dir, corpus_file):

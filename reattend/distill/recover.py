@@ -9,6 +9,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..convert import student_attention_modules
+from .head_usage_plot import write_head_usage_plot
 from .loop import train
 from .losses import kl_to_teacher, next_token_loss
 from .transfer import trainable_feature_parameters
@@ -97,6 +98,9 @@ def run_recover(stage, *, accelerator, student, teacher, train_blocks, cfg: Reco
                    blocks=train_blocks, tokens=cfg.tokens, batch_size=cfg.batch_size, lr=cfg.lr,
                    weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, seed=seed,
                    log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)
+    if stage.is_main:
+        # MoH layers logged their routing; a picture of it beside the metrics (nothing for other targets).
+        write_head_usage_plot(stage.path)
     peft_model = accelerator.unwrap_model(peft_model)
     feature_tensors = {name: p.detach().clone() for name, p in features.items()}
     if cfg.method == "attention":

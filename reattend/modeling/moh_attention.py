@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear_attention import apply_rope
-from .moh_ops import dense_attention, masked_dense_moh, moh_output, sparse_moh
+from .moh_ops import dense_attention, masked_dense_moh, moh_output, rotate, sparse_moh
 
 
 # Below this many new tokens (decode steps) all heads are computed and masked: a step is bound by reading the KV
@@ -148,6 +147,8 @@ class MohAttention(nn.Module):
         return soft * active, selected
 
     def _project(self, hidden_states, position_embeddings):
+        """q_raw (B, T, H, d) for routing; heads-first q (normed, *not yet rotated*: the sparse path rotates only
+        the rows it computes), k (rotated, as cached) and v."""
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         q_raw = self.q_proj(hidden_states).view(shape)
         k = self.k_proj(hidden_states).view(shape)
@@ -156,17 +157,21 @@ class MohAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
-        q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        return q_raw, q, k, v
+        return q_raw, q.transpose(1, 2), rotate(k.transpose(1, 2), cos[:, None], sin[:, None]), v
 
-    def attend(self, q, k, v, gates, selected, attention_mask=None) -> torch.Tensor:
-        """Gated multi-head output after o_proj, (B, T, D), by ``self.path`` (short steps always masked-dense)."""
+    def attend(self, q, k, v, gates, selected, attention_mask=None, rope=None) -> torch.Tensor:
+        """Gated multi-head output after o_proj, (B, T, D), by ``self.path`` (short steps always masked-dense).
+
+        ``rope``: ``(cos, sin)`` when ``q`` is not yet rotated (as ``_project`` returns it).
+        """
         B, H, T, d = q.shape
         if self.path == "dense" or T < SPARSE_FROM_TOKENS:
+            if rope is not None:
+                q = rotate(q, rope[0][:, None], rope[1][:, None])
             heads = masked_dense_moh(q, k, v, gates, scale=self.scaling, window=self.window, attention_mask=attention_mask)
             return self.o_proj(heads.reshape(B, T, H * d))
         shared_out, routed = sparse_moh(q, k, v, selected, shared=self.shared, scale=self.scaling,
-                                        window=self.window, attention_mask=attention_mask)
+                                        window=self.window, attention_mask=attention_mask, rope=rope)
         if self.gate == "hard" and not (torch.is_grad_enabled() and gates.requires_grad):
             gates = None  # every active gate is exactly 1 and no gradient is wanted
         return moh_output(shared_out, routed, gates, self.o_proj, shape=(B, T, H), head_dim=d)
@@ -176,19 +181,20 @@ class MohAttention(nn.Module):
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         if self.distill is not None:
-            return self._distill_forward(hidden_states, q_raw, q, k, v, attention_mask), None
+            return self._distill_forward(hidden_states, q_raw, q, k, v, attention_mask, position_embeddings), None
         gates, selected = self.route(hidden_states, q_raw)
-        return self.attend(q, k, v, gates.to(q.dtype), selected, attention_mask), None
+        return self.attend(q, k, v, gates.to(q.dtype), selected, attention_mask, rope=position_embeddings), None
 
-    def _distill_forward(self, hidden_states, q_raw, q, k, v, attention_mask):
+    def _distill_forward(self, hidden_states, q_raw, q, k, v, attention_mask, rope):
         """Router warm-up: match the teacher's layer output (all heads); pass the teacher's output on."""
         B, H, T, d = q.shape
         q, k, v, q_raw = q.detach(), k.detach(), v.detach(), q_raw.detach()
         with torch.no_grad():
-            target = self.o_proj(dense_attention(q, k, v, scale=self.scaling, window=self.window,
+            rotated = rotate(q, rope[0][:, None], rope[1][:, None])
+            target = self.o_proj(dense_attention(rotated, k, v, scale=self.scaling, window=self.window,
                                                  attention_mask=attention_mask).transpose(1, 2).reshape(B, T, H * d))
         if self.distill.get("compute_loss", True):
             gates, selected = self.route(hidden_states.detach(), q_raw)
-            student = self.attend(q, k, v, gates.to(q.dtype), selected, attention_mask)
+            student = self.attend(q, k, v, gates.to(q.dtype), selected, attention_mask, rope=rope)
             self.distill["losses"] = {"mse": F.mse_loss(student.float(), target.float())}
         return target
