@@ -108,6 +108,25 @@ def test_prefill_then_decode_equals_full_forward(arch):
         assert not torch.allclose(full, teacher(ids).logits, atol=1e-3), "rank r < 2L - d_rope must change the model"
 
 
+def test_latent_norm_warmup_blends_the_norm_in_from_the_identity():
+    teacher, with_norm = _truncated("llama", latent_norm=True, latent_norm_warmup=0.5)
+    without_norm = convert_model(teacher, _plan(teacher, **{**with_norm.config.attention_plan[0], "latent_norm": False}),
+                                 calibration=CALIBRATION)
+    modules = [m for _, m in student_attention_modules(with_norm)]
+    ids = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        normed = with_norm(ids).logits  # a converted or loaded layer is the plain norm
+        for m in modules:
+            m.set_training_progress(0.0)
+        torch.testing.assert_close(with_norm(ids).logits, without_norm(ids).logits, rtol=1e-5, atol=1e-5)
+        for m in modules:
+            m.set_training_progress(0.25)
+        assert {norm.blend for m in modules for norm in m.latent_norms()} == {0.5}
+        for m in modules:
+            m.set_training_progress(0.5)
+        torch.testing.assert_close(with_norm(ids).logits, normed)
+
+
 def test_absorbed_attention_equals_decompressed():
     teacher, student = _truncated("qwen2")
     attn = student.model.layers[1].self_attn

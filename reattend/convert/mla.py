@@ -23,6 +23,8 @@ class MlaOptions(BaseModel):
                                                            "the teacher's q_proj")
     latent_norm: bool = Field(False, description="RMSNorm on the latent, as stock deepseek_v3 always applies "
                                                  "(needed for the native export; not exact at conversion)")
+    latent_norm_warmup: float = Field(0.5, ge=0, le=1, description="fraction of recovery over which the latent "
+                                      "norms are blended in from the identity; 0 = full norm from the first step")
     calibration_sequences: int = Field(128, ge=1, description="calibration blocks taken from the training text")
     calibration_length: int = Field(256, ge=8, description="tokens per calibration block")
 

@@ -237,7 +237,8 @@ def initialise_layers(student, teacher, layer_indices: list[int], plan: list[dic
     """Convert the listed teacher layers into the student's MLA layers from calibration moments.
 
     Layers whose ``freqfold`` is ``search`` try every fitting fold size together and keep the one with the lowest
-    perplexity on (up to 16 of) the calibration blocks."""
+    perplexity on (up to 16 of) the calibration blocks, scored as recovery will start: latent norms that recovery
+    phases in (``latent_norm_warmup``) are left out."""
     from ..data import pack_blocks
     from ..evaluate.perplexity import perplexity
     from ..models.adapters import layer_shapes
@@ -283,12 +284,16 @@ def initialise_layers(student, teacher, layer_indices: list[int], plan: list[dic
         candidates = sorted(set.intersection(*(set(freqfold_candidates(shapes[i].head_dim, options[i].qk_rope_head_dim))
                                                 for i in searched)))
         scored = []
+        for i in searched:
+            modules[i].set_training_progress(0.0)
         for fold in candidates:
             for i in searched:
                 convert(i, fold)
             scored.append((perplexity(student, blocks[:16], progress=False), fold))
             if progress:
                 print(f"mla freqfold search: freqfold={fold} calibration perplexity {scored[-1][0]:.3f}")
+        for i in searched:
+            modules[i].set_training_progress(1.0)
         best = min(scored)[1]
         if progress:
             print(f"mla freqfold search: using freqfold={best}")

@@ -30,11 +30,13 @@ def train(
     seed: int,
     log_every: int,
     checkpoint_every: int,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Train ``params`` on ``tokens`` tokens of ``blocks``; ``step_loss(batch)`` returns (loss, scalars to log).
 
     ``step_loss`` may raise ``NonFiniteLossError`` itself (naming a layer); a non-finite total loss is caught here.
-    Either way the last checkpoint on disk is the last good one.
+    Either way the last checkpoint on disk is the last good one. ``on_step(step, total_steps)`` runs before each
+    step's forward (schedules that depend on training progress; a resumed run calls it from its resumed step).
     """
     world, rank = accelerator.num_processes, accelerator.process_index
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay)
@@ -57,6 +59,8 @@ def train(
     step = start_step
     for step, batch in iterate_batches(blocks, global_batch, tokens, seed=seed, start_step=start_step):
         local = batch[rank * batch_size : (rank + 1) * batch_size].to(accelerator.device)
+        if on_step is not None:
+            on_step(step, total_steps)
         try:
             loss, record = step_loss(local)
             if not torch.isfinite(loss):
@@ -89,11 +93,11 @@ def train(
         "steps": step + 1 if total_steps else 0,
         "final_loss": last_record.get("loss", math.nan),
         "tokens_per_s": round(trained / elapsed, 1) if elapsed > 0 else None,
-        "peak_memory_mb": _peak_memory_mb(accelerator.device),
+        "peak_memory_mb": peak_memory_mb(accelerator.device),
     }
 
 
-def _peak_memory_mb(device) -> float:
+def peak_memory_mb(device) -> float:
     """Peak GPU memory on CUDA, else the process's peak resident set size (Linux reports KiB)."""
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)

@@ -71,6 +71,12 @@ def run_recover(stage, *, accelerator, student, teacher, train_blocks, cfg: Reco
     use_teacher = cfg.kl_weight > 0
     # Targets with an auxiliary loss (moh's load balance, already weighted by its option) expose it after a forward.
     aux_modules = [(i, m) for i, m in student_attention_modules(student) if hasattr(m, "auxiliary_loss")]
+    # Targets with a schedule over recovery (mla phases its latent norms in) are told how far training has got.
+    scheduled = [m for _, m in student_attention_modules(student) if hasattr(m, "set_training_progress")]
+
+    def on_step(step, total_steps):
+        for module in scheduled:
+            module.set_training_progress(step / total_steps)
 
     def step_loss(batch):
         logits = peft_model(input_ids=batch, use_cache=False).logits
@@ -97,7 +103,9 @@ def run_recover(stage, *, accelerator, student, teacher, train_blocks, cfg: Reco
     result = train(stage, accelerator=accelerator, model=peft_model, params=params, step_loss=step_loss,
                    blocks=train_blocks, tokens=cfg.tokens, batch_size=cfg.batch_size, lr=cfg.lr,
                    weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, seed=seed,
-                   log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)
+                   log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, on_step=on_step)
+    for module in scheduled:
+        module.set_training_progress(1.0)
     if stage.is_main:
         # MoH layers logged their routing; a picture of it beside the metrics (nothing for other targets).
         write_head_usage_plot(stage.path)

@@ -27,26 +27,32 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class LatentRMSNorm(nn.Module):
-    """RMSNorm computed as deepseek_v3's ``kv_a_layernorm`` (float32 statistics, weight applied after casting back)."""
+    """RMSNorm computed as deepseek_v3's ``kv_a_layernorm`` (float32 statistics, weight applied after casting back).
+
+    ``blend`` < 1 mixes the input back in, ``x + blend * (norm(x) - x)``, only while recovery phases the norm in
+    (it is not saved: a loaded or exported layer is always the plain norm)."""
 
     def __init__(self, size: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.variance_epsilon = eps
+        self.blend = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        normed = self.weight * normed.to(dtype)
+        return normed if self.blend >= 1 else torch.lerp(x, normed, self.blend)
 
 
 class MlaAttention(nn.Module):
     target = "mla"
 
     def __init__(self, teacher: nn.Module, *, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 kv_lora_rank: int, qk_rope_head_dim: int, latent_norm: bool = False, q_lora_rank: int | None = None):
+                 kv_lora_rank: int, qk_rope_head_dim: int, latent_norm: bool = False, q_lora_rank: int | None = None,
+                 latent_norm_warmup: float = 0.0):
         super().__init__()
+        self.latent_norm_warmup = latent_norm_warmup
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.kv_lora_rank, self.rope_dim = kv_lora_rank, qk_rope_head_dim
@@ -83,13 +89,26 @@ class MlaAttention(nn.Module):
 
     @classmethod
     def from_teacher(cls, teacher: nn.Module, config, layer_idx: int, *, kv_lora_rank: int, qk_rope_head_dim: int = 64,
-                     latent_norm: bool = False, q_lora_rank: int | None = None, **conversion_options) -> "MlaAttention":
+                     latent_norm: bool = False, q_lora_rank: int | None = None, latent_norm_warmup: float = 0.0,
+                     **conversion_options) -> "MlaAttention":
         """The layer skeleton; ``conversion_options`` (freqfold, balance_kv, calibration_*) only steer conversion."""
         if getattr(teacher, "attn_logit_softcapping", None):
             raise ValueError(f"layer {layer_idx}: attention logit soft-capping is not supported by the mla target")
         return cls(teacher, layer_idx=layer_idx, num_heads=config.num_attention_heads,
                    num_kv_heads=config.num_key_value_heads, head_dim=teacher.head_dim, kv_lora_rank=kv_lora_rank,
-                   qk_rope_head_dim=qk_rope_head_dim, latent_norm=latent_norm, q_lora_rank=q_lora_rank)
+                   qk_rope_head_dim=qk_rope_head_dim, latent_norm=latent_norm, q_lora_rank=q_lora_rank,
+                   latent_norm_warmup=latent_norm_warmup)
+
+    def latent_norms(self) -> list[LatentRMSNorm]:
+        return [m for m in (self.kv_a_layernorm, getattr(self, "q_a_layernorm", None)) if m is not None]
+
+    def set_training_progress(self, fraction: float) -> None:
+        """Called by recovery before each step (``fraction`` of it done, 1.0 after). The latent norms are not in
+        the teacher and a fresh one costs most of the conversion's quality (every token's latent rescaled to one
+        norm), so they are blended in from the identity over the first ``latent_norm_warmup`` of recovery."""
+        blend = 1.0 if self.latent_norm_warmup <= 0 else min(1.0, fraction / self.latent_norm_warmup)
+        for norm in self.latent_norms():
+            norm.blend = blend
 
     def feature_parameters(self):
         """The parameters conversion created (down/up projections, rope query map, latent norms)."""
