@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from .convert import changed_tensors, convert_model
+from .convert import changed_tensors, convert_model, student_attention_modules
 from .convert.rules import resolve_plan
 from .data import build_splits, pack_blocks
 from .distill.recover import apply_adapter, run_recover
@@ -115,6 +115,15 @@ class Run:
         metrics = {"teacher_perplexity": self.heldout_perplexity(self.teacher, "teacher"),
                    "perplexity": self.heldout_perplexity(student, "converted"),
                    "converted_layers": sum(e["target"] != "keep" for e in self.plan), "conversion_s": conversion_s}
+        # Layers that recovery phases in (mla's latent norms) start training from a different model than the
+        # converted one: measure that one too, since it is what recovery has to improve.
+        phased = [m for _, m in student_attention_modules(student) if getattr(m, "phased_in_by_recovery", False)]
+        if phased:
+            for module in phased:
+                module.set_training_progress(0.0)
+            metrics["perplexity_at_recovery_start"] = self.heldout_perplexity(student, "at recovery start")
+            for module in phased:
+                module.set_training_progress(1.0)
         return stage.finish(metrics)
 
     def transfer(self) -> dict:

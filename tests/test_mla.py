@@ -219,6 +219,8 @@ def test_mla_recipe_plans_converts_recovers_and_exports_natively(tmp_path, tiny_
     run.run(stages=("convert", "transfer", "recover", "export"))
     recovered = run.student("recover")  # rebuilt from saved tensors, no calibration
     assert run.summary()["recover"]["tokens"] == 192
+    # the latent norm is phased in during recovery, so conversion also reports the model recovery starts from
+    assert set(run.summary()["convert"]["perplexity_at_recovery_start"]) == set(run.summary()["convert"]["perplexity"])
     native = AutoModelForCausalLM.from_pretrained(run.summary()["export"]["native_dir"]).eval()
     assert native.config.model_type == "deepseek_v3"
     ids = torch.randint(0, 64, (1, 20))

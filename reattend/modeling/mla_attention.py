@@ -102,6 +102,10 @@ class MlaAttention(nn.Module):
     def latent_norms(self) -> list[LatentRMSNorm]:
         return [m for m in (self.kv_a_layernorm, getattr(self, "q_a_layernorm", None)) if m is not None]
 
+    @property
+    def phased_in_by_recovery(self) -> bool:
+        return self.latent_norm_warmup > 0 and bool(self.latent_norms())
+
     def set_training_progress(self, fraction: float) -> None:
         """Called by recovery before each step (``fraction`` of it done, 1.0 after). The latent norms are not in
         the teacher and a fresh one costs most of the conversion's quality (every token's latent rescaled to one
