@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     if args.verb in VERBS_WITH_RECIPE or (args.verb == "eval" and args.recipe):
+        from .image.recipe import read_kind
+
+        if read_kind(args.recipe) == "image":
+            from .image.run import dispatch
+
+            return dispatch(args.verb, args.recipe, args.overrides)
         recipe = load_recipe(args.recipe, args.overrides)
         if args.verb == "validate":
             from .planning import validate
