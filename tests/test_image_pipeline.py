@@ -254,3 +254,36 @@ def test_cli_validate_and_run_tiny_recipe(tmp_path, capsys):
     assert "language-model recipes" in capsys.readouterr().err
     assert main(["validate", str(TINY_RECIPE), "convert.radius=0"]) == 2
     assert "convert.radius" in capsys.readouterr().err
+
+
+TINY_FAMILIES = {
+    "dit": {"class": "DiTTransformer2DModel", "num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4,
+            "num_layers": 2, "sample_size": 8, "patch_size": 1, "norm_num_groups": 4},
+    "sd3": {"class": "SD3Transformer2DModel", "sample_size": 8, "patch_size": 1, "in_channels": 4, "num_layers": 2,
+            "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 12,
+            "caption_projection_dim": 16, "pooled_projection_dim": 10, "out_channels": 4, "pos_embed_max_size": 8,
+            "dual_attention_layers": [0], "qk_norm": "rms_norm"},
+    "flux": {"class": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 8, "num_layers": 1,
+             "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 12,
+             "pooled_projection_dim": 10, "axes_dims_rope": [4, 6, 6]},
+}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_each_diffusion_family_distils_exports_and_reloads(tmp_path, family):
+    pixels = 128 if family == "flux" else 64  # an 8x8 token grid: VAE /8, FLUX also packs 2x2 latents per token
+    recipe = image_recipe_from_dict({
+        "kind": "image", "model": {"random_config": TINY_FAMILIES[family]}, "output_dir": str(tmp_path / family),
+        "convert": {"radius": 2.0}, "samples": {"source": "synthetic", "count": 16, "heldout": 2, "text_tokens": 4,
+                                                "height": pixels, "width": pixels},
+        "distill": {"steps": 12, "lr": 3e-3, "batch_size": 2, "attention_layers": "all", "log_every": 3},
+        "eval": {"repeats": 1}})
+    run = ImageRun(recipe)
+    with torch.no_grad():  # random init attends almost uniformly; sharper queries make the window matter
+        for name, p in run.teacher.named_parameters():
+            if name.endswith("to_q.weight"):
+                p.mul_(6.0)
+    summary = run.run()
+    assert run.family == family and summary["samples"]["grid"] == [8, 8]
+    assert_loss_went_down(run)
+    assert_reload_equal(run)
