@@ -116,7 +116,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def read_recipe_file(path: str | Path, overrides: list[str] | None, sections: str) -> dict:
+    """A recipe file's YAML mapping with ``overrides`` applied; ``sections`` names a few of its sections for the
+    error a file that is not a mapping gets."""
     path = Path(path)
     if not path.exists():
         raise RecipeError(f"recipe file {str(path)!r} does not exist; pass the path of a YAML recipe (see recipes/)")
@@ -125,8 +127,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
-        raise RecipeError(f"recipe {path} must be a mapping of sections (model, output_dir, convert, ...)")
-    return recipe_from_dict(apply_overrides(raw, overrides or []), source=str(path))
+        raise RecipeError(f"recipe {path} must be a mapping of sections ({sections}, ...)")
+    return apply_overrides(raw, overrides or [])
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    return recipe_from_dict(read_recipe_file(path, overrides, "model, output_dir, convert"), source=str(path))
 
 
 def recipe_from_dict(raw: dict, source: str = "<dict>") -> Recipe:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..recipe import RecipeError, _format_error, apply_overrides
+from ..recipe import RecipeError, _format_error, read_recipe_file
 
 
 class ModelConfig(BaseModel):
@@ -161,16 +161,8 @@ def read_kind(path: str | Path) -> str | None:
 
 
 def load_image_recipe(path: str | Path, overrides: list[str] | None = None) -> ImageRecipe:
-    path = Path(path)
-    if not path.exists():
-        raise RecipeError(f"recipe file {str(path)!r} does not exist; pass the path of a YAML recipe (see recipes/)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"recipe {path} must be a mapping of sections (kind, model, output_dir, convert, ...)")
-    return image_recipe_from_dict(apply_overrides(raw, overrides or []), source=str(path))
+    return image_recipe_from_dict(read_recipe_file(path, overrides, "kind, model, output_dir, convert"),
+                                  source=str(path))
 
 
 def image_recipe_from_dict(raw: dict, source: str = "<dict>") -> ImageRecipe:
