@@ -40,16 +40,7 @@ def train(
     """
     world, rank = accelerator.num_processes, accelerator.process_index
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay)
-    start_step = 0
-    resumed = stage.load_checkpoint()
-    if resumed is not None:
-        tensors, optimizer_state, state = resumed
-        with torch.no_grad():
-            for name, value in tensors.items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(optimizer_state)
-        start_step = state["step"]
-        accelerator.print(f"[{stage.name}] resuming from step {start_step}")
+    start_step = resume_from_checkpoint(stage, params, optimizer, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     global_batch = batch_size * world
@@ -95,6 +86,20 @@ def train(
         "tokens_per_s": round(trained / elapsed, 1) if elapsed > 0 else None,
         "peak_memory_mb": peak_memory_mb(accelerator.device),
     }
+
+
+def resume_from_checkpoint(stage: StageDir, params: dict[str, torch.nn.Parameter], optimizer, accelerator) -> int:
+    """Load the stage's last checkpoint, if any, into ``params`` and ``optimizer``; the step to resume from."""
+    resumed = stage.load_checkpoint()
+    if resumed is None:
+        return 0
+    tensors, optimizer_state, state = resumed
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(optimizer_state)
+    accelerator.print(f"[{stage.name}] resuming from step {state['step']}")
+    return state["step"]
 
 
 def peak_memory_mb(device) -> float:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..distill.loop import peak_memory_mb
+from ..distill.loop import peak_memory_mb, resume_from_checkpoint
 from ..pipeline import NonFiniteLossError, StageDir
 from .attention import trainable_attention_parameters
 from .samples import FLOW_FAMILIES, SampleError, SampleStore
@@ -115,16 +115,7 @@ def run_distill(stage: StageDir, *, accelerator, student, teacher, family: str, 
     params = freeze_for_distillation(student)
     dtype = next(iter(params.values())).dtype
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start_step = 0
-    resumed = stage.load_checkpoint()
-    if resumed is not None:
-        tensors, optimizer_state, state = resumed
-        with torch.no_grad():
-            for name, value in tensors.items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(optimizer_state)
-        start_step = state["step"]
-        accelerator.print(f"[{stage.name}] resuming from step {start_step}")
+    start_step = resume_from_checkpoint(stage, params, optimizer, accelerator)
     teacher.to(accelerator.device).eval()
     model, optimizer = accelerator.prepare(student, optimizer)
     model.train()
