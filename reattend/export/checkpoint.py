@@ -49,6 +49,15 @@ def atomic_folder(out_dir: Path):
     tmp.rename(out_dir)
 
 
+def save_stock_checkpoint(model, tokenizer, out_dir: Path, *, max_shard_size: str) -> Path:
+    """A stock transformers model (and its tokenizer) written atomically to ``out_dir``: the native exports."""
+    with atomic_folder(out_dir) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
 def export_model(student, tokenizer, out_dir: str | Path, *, recipe: dict | None = None, metrics: dict | None = None,
                  max_shard_size: str = "2GB", dtype: str | None = None) -> Path:
     out_dir = Path(out_dir)

@@ -24,7 +24,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from ..convert import student_attention_modules
 from ..modeling.mla_attention import MlaAttention
-from .checkpoint import atomic_folder
+from .checkpoint import save_stock_checkpoint
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 FALLBACK = "export in reattend's format only (export.native: false)"
@@ -114,10 +114,4 @@ def native_model(student) -> DeepseekV3ForCausalLM:
 
 def export_native_deepseek(student, tokenizer, out_dir: str | Path, *, max_shard_size: str = "2GB") -> Path:
     """Write the deepseek_v3 checkpoint to ``out_dir`` (via a temporary folder renamed into place)."""
-    out_dir = Path(out_dir)
-    native = native_model(student)
-    with atomic_folder(out_dir) as tmp:
-        native.save_pretrained(tmp, max_shard_size=max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return out_dir
+    return save_stock_checkpoint(native_model(student), tokenizer, Path(out_dir), max_shard_size=max_shard_size)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig
 
-from .checkpoint import atomic_folder
+from .checkpoint import save_stock_checkpoint
 
 # Fields MistralConfig shares with LlamaConfig; the rest of a Llama config (attention/mlp bias) must be at default.
 _MISTRAL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -89,9 +89,4 @@ def export_native_local(student, tokenizer, out_dir: str | Path, *, max_shard_si
     stock.load_state_dict(student.state_dict(), strict=True, assign=True)
     if config.tie_word_embeddings:
         stock.tie_weights()
-    out_dir = Path(out_dir)
-    with atomic_folder(out_dir) as tmp:
-        stock.save_pretrained(tmp, max_shard_size=max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return out_dir
+    return save_stock_checkpoint(stock, tokenizer, Path(out_dir), max_shard_size=max_shard_size)
