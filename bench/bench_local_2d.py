@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+# Run as a script, this folder is on sys.path: the 1-D benchmark's alternating timer serves both.
+from bench_local_attention import alternate
 from reattend.modeling import local_2d
 from reattend.modeling.local_2d import (
     block_kept_fraction,
@@ -37,22 +37,6 @@ from reattend.modeling.local_2d import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def alternate(fns: dict, device: str, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each function, calling them in turn ``rounds`` times after one warm-up each."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def describe(device: str) -> str:
