@@ -11,6 +11,7 @@ import yaml
 from conftest import reload_without_reattend
 
 from reattend.cli import main
+from reattend.distill.loop import learning_rate
 from reattend.pipeline import NonFiniteLossError
 from reattend.recipe import load_recipe
 from reattend.runner import Run
@@ -40,7 +41,7 @@ def write_recipe(path, model_dir, corpus, output_dir, **sections):
         "stage_eval": {"blocks": 2},
         "transfer": {"tokens": 32 * 2 * 12, "batch_size": 2, "lr": 0.05, "log_every": 1, "checkpoint_every": 5},
         "recover": {"tokens": 32 * 2 * 6, "batch_size": 2, "lr": 0.001, "kl_weight": 0.5, "log_every": 1,
-                    "checkpoint_every": 5},
+                    "checkpoint_every": 5, "lr_schedule": "cosine", "warmup_steps": 2},
         "eval": FAST_EVAL,
     }
     for key, value in sections.items():
@@ -105,6 +106,23 @@ def test_export_loads_natively_after_import_reattend(finished_run):
     root = finished_run[0]
     model = AutoModelForCausalLM.from_pretrained(root / "out" / "export" / "model")
     assert type(model).__module__.startswith("reattend.")
+
+
+def test_learning_rate_warms_up_then_follows_its_schedule():
+    assert [learning_rate(1.0, s, 10, "constant", 4) for s in (0, 1, 3, 4, 9)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    cosine = [learning_rate(2.0, s, 10, "cosine", 2) for s in range(10)]
+    assert cosine[:3] == [1.0, 2.0, 2.0]
+    assert all(a > b for a, b in zip(cosine[2:], cosine[3:]))
+    assert cosine[6] == pytest.approx(1.0)  # half-way through the decay
+    assert learning_rate(2.0, 10, 10, "cosine", 2) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_recovery_logs_the_scheduled_learning_rate(finished_run):
+    root = finished_run[0]
+    records = [json.loads(line) for line in (root / "out" / "recover" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["lr"] for r in records]
+    assert logged == pytest.approx([learning_rate(0.001, s, 6, "cosine", 2) for s in range(6)])
+    assert logged[1] == pytest.approx(0.001) and logged[-1] < 0.2 * 0.001
 
 
 def test_killed_stage_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, corpus_file):

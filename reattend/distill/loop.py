@@ -5,13 +5,26 @@ from __future__ import annotations
 import math
 import resource
 import time
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from ..data import iterate_batches
 from ..pipeline import NonFiniteLossError, StageDir
+
+LrSchedule = Literal["constant", "cosine"]
+
+
+def learning_rate(peak: float, step: int, total_steps: int, schedule: LrSchedule, warmup_steps: int) -> float:
+    """The rate for 0-based ``step``: linear warm-up over ``warmup_steps``, then constant or cosine decay to 0.
+    A function of the step alone, so a resumed run continues the same curve without scheduler state."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return peak
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def train(
@@ -31,12 +44,15 @@ def train(
     log_every: int,
     checkpoint_every: int,
     on_step: Callable[[int, int], None] | None = None,
+    lr_schedule: LrSchedule = "constant",
+    warmup_steps: int = 0,
 ) -> dict:
     """Train ``params`` on ``tokens`` tokens of ``blocks``; ``step_loss(batch)`` returns (loss, scalars to log).
 
     ``step_loss`` may raise ``NonFiniteLossError`` itself (naming a layer); a non-finite total loss is caught here.
     Either way the last checkpoint on disk is the last good one. ``on_step(step, total_steps)`` runs before each
     step's forward (schedules that depend on training progress; a resumed run calls it from its resumed step).
+    The learning rate follows ``learning_rate(lr, step, total_steps, lr_schedule, warmup_steps)``.
     """
     world, rank = accelerator.num_processes, accelerator.process_index
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay)
@@ -52,6 +68,9 @@ def train(
         local = batch[rank * batch_size : (rank + 1) * batch_size].to(accelerator.device)
         if on_step is not None:
             on_step(step, total_steps)
+        step_lr = learning_rate(lr, step, total_steps, lr_schedule, warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
         try:
             loss, record = step_loss(local)
             if not torch.isfinite(loss):
@@ -71,7 +90,7 @@ def train(
         bar.set_postfix(loss=f"{loss.item():.4g}")
         if done_steps % log_every == 0 or done_steps == total_steps:
             last_record = {"step": done_steps, "tokens": seen_tokens, "loss": loss.item(),
-                           "grad_norm": float(grad_norm), "lr": lr, **record}
+                           "grad_norm": float(grad_norm), "lr": step_lr, **record}
             stage.log(last_record)
         if checkpoint_every and done_steps % checkpoint_every == 0:
             accelerator.wait_for_everyone()

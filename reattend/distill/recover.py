@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..convert import student_attention_modules
 from .head_usage_plot import write_head_usage_plot
-from .loop import train
+from .loop import LrSchedule, train
 from .losses import kl_to_teacher, next_token_loss
 from .transfer import trainable_feature_parameters
 
@@ -35,6 +35,8 @@ class RecoverConfig(BaseModel):
     batch_size: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: LrSchedule = Field("constant", description="constant, or cosine decay to 0 after the warm-up")
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warm-up from 0 to lr")
     lora: LoraOptions = Field(default_factory=LoraOptions)
     ce_weight: float = Field(1.0, ge=0)
     kl_weight: float = Field(0.0, ge=0, description="KL(teacher || student) on logits; keeps general behaviour")
@@ -103,7 +105,8 @@ def run_recover(stage, *, accelerator, student, teacher, train_blocks, cfg: Reco
     result = train(stage, accelerator=accelerator, model=peft_model, params=params, step_loss=step_loss,
                    blocks=train_blocks, tokens=cfg.tokens, batch_size=cfg.batch_size, lr=cfg.lr,
                    weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, seed=seed,
-                   log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, on_step=on_step)
+                   log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, on_step=on_step,
+                   lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps)
     for module in scheduled:
         module.set_training_progress(1.0)
     if stage.is_main:

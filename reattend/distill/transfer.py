@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..convert import student_attention_modules
 from ..pipeline import NonFiniteLossError
-from .loop import train
+from .loop import LrSchedule, train
 
 
 class TransferConfig(BaseModel):
@@ -23,6 +23,8 @@ class TransferConfig(BaseModel):
     batch_size: int = Field(1, ge=1, description="sequences per step per process")
     lr: float = Field(1e-2, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: LrSchedule = Field("constant", description="constant, or cosine decay to 0 after the warm-up")
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warm-up from 0 to lr")
     mse_scale: float = Field(1000.0, gt=0)
     xent_weight: float = Field(0.0, ge=0, description="Hedgehog attention cross-entropy (quadratic memory)")
     max_grad_norm: float = Field(1.0, gt=0)
@@ -67,7 +69,8 @@ def run_transfer(stage, *, accelerator, student, train_blocks, cfg: TransferConf
         result = train(stage, accelerator=accelerator, model=student, params=params, step_loss=step_loss,
                        blocks=train_blocks, tokens=cfg.tokens, batch_size=cfg.batch_size, lr=cfg.lr,
                        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, seed=seed,
-                       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)
+                       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                       lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps)
     finally:
         for _, module in modules:
             module.distill = None
