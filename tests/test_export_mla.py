@@ -22,13 +22,16 @@ def _student(arch, **options):
     return student
 
 
-@pytest.mark.parametrize("arch,q_lora_rank", [("llama", None), ("mistral", 12)])
-def test_native_deepseek_v3_export_reloads_in_stock_transformers(tmp_path, arch, q_lora_rank):
-    student = _student(arch, q_lora_rank=q_lora_rank)
+@pytest.mark.parametrize("arch,q_lora_rank,mode", [("llama", None, "identity"), ("mistral", 12, "identity"),
+                                                   ("llama", 12, "rms")])
+def test_native_deepseek_v3_export_reloads_in_stock_transformers(tmp_path, arch, q_lora_rank, mode):
+    student = _student(arch, q_lora_rank=q_lora_rank, latent_norm_mode=mode)
     out = export_native_deepseek(student, None, tmp_path / "native")
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # no trust_remote_code, no reattend classes
     assert type(reloaded) is DeepseekV3ForCausalLM and reloaded.config.first_k_dense_replace == 2
     assert reloaded.config.q_lora_rank == q_lora_rank
+    if mode == "identity":  # vLLM/SGLang take the latent norm's epsilon from rms_norm_eps; transformers uses 1e-6
+        assert reloaded.config.rms_norm_eps == 1e-6
     ids = torch.randint(0, 128, (2, 17))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, student(ids).logits, rtol=1e-4, atol=1e-4)
@@ -43,6 +46,8 @@ def test_native_export_refuses_what_deepseek_v3_cannot_express():
         native_config(_student("qwen2"))
     with pytest.raises(ValueError, match="'qwen3'"):
         native_config(_student("qwen3"))
+    with pytest.raises(ValueError, match="float16 weights cannot hold"):
+        native_config(_student("llama").half())
     student = _student("llama", freqfold=4)  # any freqfold keeps deepseek_v3's frequencies ...
     native_config(student)
     student.model.layers[1].self_attn.rope_freq_index.copy_(torch.tensor([1, 3]))  # ... other ones cannot be served

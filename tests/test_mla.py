@@ -9,7 +9,7 @@ from reattend.convert.mla import MlaOptions, freqfold_candidates
 from reattend.convert.rules import Rule
 from reattend.convert.transmla import LayerGeometry, collect_moments, load_factors, untruncated
 from reattend.models.adapters import layer_shapes
-from reattend.modeling.mla_attention import MlaAttention
+from reattend.modeling.mla_attention import LATENT_NORM_EPS, MlaAttention
 
 CALIBRATION = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(0))
 
@@ -34,7 +34,8 @@ def _untruncated_students(teacher):
     for pca in (False, True):
         for i in layers:
             factors, freqs = untruncated(moments[i]["kv"], geo, pca=pca)
-            load_factors(student.model.layers[i].self_attn, teacher.model.layers[i].self_attn, factors, freqs)
+            load_factors(student.model.layers[i].self_attn, teacher.model.layers[i].self_attn, factors, freqs,
+                         identity_norm=False)
         yield pca, student
 
 
@@ -108,8 +109,29 @@ def test_prefill_then_decode_equals_full_forward(arch):
         assert not torch.allclose(full, teacher(ids).logits, atol=1e-3), "rank r < 2L - d_rope must change the model"
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_identity_mode_latent_norm_leaves_the_conversion_unchanged(arch):
+    # Qwen3 also takes the low-rank query path, whose q_a_layernorm follows the same mode.
+    teacher, with_norm = _truncated(arch, latent_norm=True, q_lora_rank=12 if arch == "qwen3" else None)
+    assert with_norm.config.rms_norm_eps == LATENT_NORM_EPS
+    plain = {**with_norm.config.attention_plan[0], "latent_norm": False}
+    without_norm = convert_model(teacher, _plan(teacher, **plain), calibration=CALIBRATION)
+    modules = [m for _, m in student_attention_modules(with_norm)]
+    assert not any(m.phased_in_by_recovery for m in modules)
+    norms = [norm for m in modules for norm in m.latent_norms()]
+    assert len(norms) == len(modules) * (2 if arch == "qwen3" else 1)
+    ids = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        for norm in norms:  # the scaled latent sits far below the epsilon (a real norm, in its linear range)
+            assert float(norm.input_scale) < 1e-3
+        torch.testing.assert_close(with_norm(ids).logits, without_norm(ids).logits, rtol=1e-4, atol=1e-4)
+        for norm in norms:  # ...while a plain input scale shows the same module normalising
+            norm.input_scale.fill_(1.0)
+        assert not torch.allclose(with_norm(ids).logits, without_norm(ids).logits, atol=1e-2)
+
+
 def test_latent_norm_warmup_blends_the_norm_in_from_the_identity():
-    teacher, with_norm = _truncated("llama", latent_norm=True, latent_norm_warmup=0.5)
+    teacher, with_norm = _truncated("llama", latent_norm=True, latent_norm_mode="rms", latent_norm_warmup=0.5)
     without_norm = convert_model(teacher, _plan(teacher, **{**with_norm.config.attention_plan[0], "latent_norm": False}),
                                  calibration=CALIBRATION)
     modules = [m for _, m in student_attention_modules(with_norm)]
@@ -219,8 +241,8 @@ def test_mla_recipe_plans_converts_recovers_and_exports_natively(tmp_path, tiny_
     run.run(stages=("convert", "transfer", "recover", "export"))
     recovered = run.student("recover")  # rebuilt from saved tensors, no calibration
     assert run.summary()["recover"]["tokens"] == 192
-    # the latent norm is phased in during recovery, so conversion also reports the model recovery starts from
-    assert set(run.summary()["convert"]["perplexity_at_recovery_start"]) == set(run.summary()["convert"]["perplexity"])
+    # an identity-mode latent norm is exact at conversion: nothing is phased in, so recovery starts from "perplexity"
+    assert "perplexity_at_recovery_start" not in run.summary()["convert"]
     native = AutoModelForCausalLM.from_pretrained(run.summary()["export"]["native_dir"]).eval()
     assert native.config.model_type == "deepseek_v3"
     ids = torch.randint(0, 64, (1, 20))

@@ -13,13 +13,18 @@ def convert_model(teacher, plan: list[dict], *, calibration: torch.Tensor | None
     A target whose options class has ``initialise(student, teacher, layer_indices, plan, calibration)`` sets its
     layers from the teacher and ``calibration`` (training token blocks); ``initialise=False`` builds only the
     skeleton, for loading a stage's saved tensors. A module may name teacher submodules it folds away in
-    ``replaced_teacher_modules``; their weights may go unused."""
+    ``replaced_teacher_modules``; their weights may go unused. A target's ``config_changes(entries)`` may change
+    the student's config (mla's identity-mode latent norms set ``rms_norm_eps``)."""
     from .rules import TARGET_OPTIONS
 
     config_cls, model_cls = converted_classes(teacher.config)
     base = teacher.config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         base.pop(key, None)
+    for target in dict.fromkeys(entry["target"] for entry in plan):
+        changes = getattr(TARGET_OPTIONS.get(target), "config_changes", None)
+        if changes is not None:
+            base.update(changes([entry for entry in plan if entry["target"] == target]))
     config = config_cls(**base, attention_plan=plan)
     config.architectures = [model_cls.__name__]
     student = model_cls(config).to(next(teacher.parameters()).device)

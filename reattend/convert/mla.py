@@ -21,10 +21,15 @@ class MlaOptions(BaseModel):
     balance_kv: bool = Field(True, description="scale K_nope to V's norm before the joint PCA (BKV-PCA)")
     q_lora_rank: int | None = Field(None, ge=1, description="low-rank queries q_b(RMSNorm(q_a(x))) by PCA; null keeps "
                                                            "the teacher's q_proj")
-    latent_norm: bool = Field(False, description="RMSNorm on the latent, as stock deepseek_v3 always applies "
-                                                 "(needed for the native export; not exact at conversion)")
-    latent_norm_warmup: float = Field(0.5, ge=0, le=1, description="fraction of recovery over which the latent "
-                                      "norms are blended in from the identity; 0 = full norm from the first step")
+    latent_norm: bool = Field(False, description="RMSNorm on the latent (and on low-rank queries), as stock "
+                                                 "deepseek_v3 always applies (needed for the native export)")
+    latent_norm_mode: Literal["identity", "rms"] = Field(
+        "identity", description="identity: the latent is scaled far below the norm's epsilon, where the norm is a "
+                                "fixed linear map, so conversion stays exact (sets the model's rms_norm_eps to 1e-6; the "
+                                "native export then runs in bfloat16/float32, not float16); rms: a normalising norm, "
+                                "blended in over latent_norm_warmup of recovery")
+    latent_norm_warmup: float = Field(0.5, ge=0, le=1, description="rms mode: fraction of recovery over which the "
+                                      "latent norms are blended in from the identity; 0 = full norm from the first step")
     calibration_sequences: int = Field(128, ge=1, description="calibration blocks taken from the training text")
     calibration_length: int = Field(256, ge=8, description="tokens per calibration block")
 
@@ -59,6 +64,16 @@ class MlaOptions(BaseModel):
             if self.freqfold not in valid:
                 raise ValueError(f"{where}: freqfold={self.freqfold} does not fit head_dim={d} with "
                                  f"qk_rope_head_dim={self.qk_rope_head_dim}; choose one of {valid} or 'search'")
+
+    @staticmethod
+    def config_changes(entries: list[dict]) -> dict:
+        """Identity-mode latent norms run below their epsilon, so their output scales with 1/sqrt(eps): the model's
+        rms_norm_eps becomes deepseek_v3's latent-norm epsilon, which vLLM/SGLang take from it (transformers
+        hard-codes it). For the decoder norms that change is negligible (perplexity to 4 digits on SmolLM2)."""
+        from ..modeling.mla_attention import LATENT_NORM_EPS
+
+        identity = any(e.get("latent_norm") and e.get("latent_norm_mode", "identity") == "identity" for e in entries)
+        return {"rms_norm_eps": LATENT_NORM_EPS} if identity else {}
 
     @staticmethod
     def initialise(student, teacher, layer_indices: list[int], plan: list[dict], calibration) -> None:

@@ -22,6 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
+# Identity-mode latent norms: the calibration mean square of the scaled latent is this fraction of the norm's
+# epsilon, so a token with k times the mean latent energy is shrunk by about k * 5e-7 (under 1e-3 up to k = 2000).
+IDENTITY_NORM_HEADROOM = 1e-6
+
 
 @dataclass
 class LayerGeometry:
@@ -199,7 +203,8 @@ def collect_moments(teacher, layer_indices: list[int], blocks: torch.Tensor, *, 
 
 
 @torch.no_grad()
-def load_factors(module, teacher_attn, factors: dict[str, torch.Tensor], freqs: torch.Tensor) -> None:
+def load_factors(module, teacher_attn, factors: dict[str, torch.Tensor], freqs: torch.Tensor, *,
+                 identity_norm: bool) -> None:
     """Write MLA factors into a student ``MlaAttention``; without a k_norm the down-projection absorbs k/v_proj."""
     down = factors["down"]
     proj = module.kv_a_proj_with_mqa
@@ -217,19 +222,26 @@ def load_factors(module, teacher_attn, factors: dict[str, torch.Tensor], freqs: 
     module.q_rope_map.copy_(factors["q_rope_map"])
     module.rope_freq_index.copy_(freqs)
     if module.kv_a_layernorm is not None:
-        # c / rms(c) * w stays close to c when w is the typical rms; recovery then adapts the norm.
-        module.kv_a_layernorm.weight.fill_(factors["latent_rms"].item())
+        if identity_norm:
+            module.kv_a_layernorm.set_identity(factors["latent_rms"].item(), IDENTITY_NORM_HEADROOM)
+        else:
+            # c / rms(c) * w stays close to c when w is the typical rms; recovery then adapts the norm.
+            module.kv_a_layernorm.weight.fill_(factors["latent_rms"].item())
 
 
 @torch.no_grad()
-def load_query_factors(module, teacher_attn, c_q: torch.Tensor) -> None:
+def load_query_factors(module, teacher_attn, c_q: torch.Tensor, *, identity_norm: bool) -> None:
     """Low-rank queries by PCA of q_proj's outputs: q_a = P^T W_q, q_b = P (top ``q_lora_rank`` directions)."""
     P = _eigenvectors(c_q.double())[:, : module.q_lora_rank]
     module.q_a_proj.weight.copy_(P.T @ teacher_attn.q_proj.weight.double().cpu())
     if module.q_a_proj.bias is not None:
         module.q_a_proj.bias.copy_(P.T @ teacher_attn.q_proj.bias.double().cpu())
     module.q_b_proj.weight.copy_(P)
-    module.q_a_layernorm.weight.fill_(math.sqrt(max((P.T @ c_q.double() @ P).trace().item() / P.shape[1], 1e-30)))
+    rms = math.sqrt(max((P.T @ c_q.double() @ P).trace().item() / P.shape[1], 1e-30))
+    if identity_norm:
+        module.q_a_layernorm.set_identity(rms, IDENTITY_NORM_HEADROOM)
+    else:
+        module.q_a_layernorm.weight.fill_(rms)
 
 
 def initialise_layers(student, teacher, layer_indices: list[int], plan: list[dict], calibration: torch.Tensor | None,
@@ -271,11 +283,12 @@ def initialise_layers(student, teacher, layer_indices: list[int], plan: list[dic
         o = options[i]
         factors, freqs = transmla(moments[i]["kv"], geo, rope_dim=o.qk_rope_head_dim, rank=o.kv_lora_rank, freqfold=fold,
                                   balance=o.balance_kv)
-        load_factors(modules[i], teachers[i], factors, freqs)
+        load_factors(modules[i], teachers[i], factors, freqs, identity_norm=o.latent_norm_mode == "identity")
 
     for i in layer_indices:
         if options[i].q_lora_rank:
-            load_query_factors(modules[i], teachers[i], moments[i]["q"])
+            load_query_factors(modules[i], teachers[i], moments[i]["q"],
+                               identity_norm=options[i].latent_norm_mode == "identity")
     for i in layer_indices:
         if options[i].freqfold != "search":
             convert(i, options[i].freqfold)

@@ -3,7 +3,8 @@
 deepseek_v3 can express the student exactly when every layer is MLA with one ``kv_lora_rank`` and
 ``qk_rope_head_dim``, the MLP is a dense gated MLP (``first_k_dense_replace`` = number of layers), the latent
 passes through an RMSNorm (``kv_a_layernorm`` always runs in stock deepseek_v3, so the student must have been
-converted and trained with ``latent_norm: true``), and nothing has a bias or a q/k norm. Anything else is refused
+converted and trained with ``latent_norm: true``; an identity-mode norm's input scale is folded into the rows of
+``kv_a_proj_with_mqa``/``q_a_proj`` that feed it), and nothing has a bias or a q/k norm. Anything else is refused
 with the reason, before any file is written.
 
 Mapping: q_proj (or q_b_proj, with low-rank queries) rows per head become [q_h (qk_nope_head_dim = head_dim); q_rope_map_h q_h (qk_rope_head_dim)],
@@ -57,6 +58,16 @@ def native_config(student) -> DeepseekV3Config:
             raise ValueError(f"export.native: layer {i} has no latent RMSNorm (latent_norm: false), but stock "
                              "deepseek_v3 always applies kv_a_layernorm (served without it, TransMLA models output "
                              "gibberish); convert with options latent_norm: true and recover, or " + FALLBACK)
+        for norm in m.latent_norms():
+            if float(norm.input_scale) != 1.0 and norm.variance_epsilon != config.rms_norm_eps:
+                raise ValueError(f"export.native: layer {i}'s latent norm runs below its epsilon "
+                                 f"({norm.variance_epsilon}), which vLLM/SGLang take from rms_norm_eps="
+                                 f"{config.rms_norm_eps}; convert again with latent_norm_mode: identity (it sets "
+                                 f"rms_norm_eps) or {FALLBACK}")
+            if float(norm.input_scale) != 1.0 and next(student.parameters()).dtype == torch.float16:
+                raise ValueError(f"export.native: layer {i}'s identity-mode latent norm scales the latent to "
+                                 f"~{float(norm.input_scale):.1e} of its size, which float16 weights cannot hold; "
+                                 "export in bfloat16 or float32 (dtype), or " + FALLBACK)
         if m.q_norm is not None or m.k_norm is not None:
             raise ValueError(f"export.native: layer {i} has q/k norms, which deepseek_v3 lacks; {FALLBACK}")
         query = "q_proj" if m.q_lora_rank is None else "q_a_proj"
@@ -105,9 +116,15 @@ def native_model(student) -> DeepseekV3ForCausalLM:
         w_q = getattr(m, query).weight.float().cpu().view(m.num_heads, m.head_dim, -1)
         w_rope = torch.einsum("hrd,hdk->hrk", m.q_rope_map.float().cpu(), w_q)
         state[prefix + query + ".weight"] = factor * torch.cat([w_q, w_rope], dim=1).flatten(0, 1)
-        low_rank_query = ("q_a_proj.weight", "q_a_layernorm.weight") if m.q_lora_rank else ()
-        for name in low_rank_query +  ("kv_a_proj_with_mqa.weight", "kv_a_layernorm.weight", "kv_b_proj.weight", "o_proj.weight"):
+        low_rank_query = ("q_a_layernorm.weight",) if m.q_lora_rank else ()
+        for name in low_rank_query + ("kv_a_layernorm.weight", "kv_b_proj.weight", "o_proj.weight"):
             state[prefix + name] = m.state_dict()[name].float().cpu()
+        # deepseek_v3's norms have no input scale: it goes into the rows feeding them (the latent, not the rope key)
+        w_kv = m.kv_a_proj_with_mqa.weight.float().cpu().clone()
+        w_kv[: m.kv_lora_rank] *= m.kv_a_layernorm.input_scale.float().cpu()
+        state[prefix + "kv_a_proj_with_mqa.weight"] = w_kv
+        if m.q_lora_rank:
+            state[prefix + "q_a_proj.weight"] = m.q_a_proj.weight.float().cpu() * m.q_a_layernorm.input_scale.float().cpu()
     native.load_state_dict(state, strict=True)
     return native.to(dtype).eval()
 

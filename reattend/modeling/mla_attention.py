@@ -16,6 +16,8 @@ state directly and k_proj/v_proj are gone.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,23 +28,41 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+# deepseek_v3's kv_a_layernorm epsilon: transformers hard-codes it, vLLM and SGLang read config.rms_norm_eps, so a
+# latent norm that runs below its epsilon ("identity" mode) needs both to be this value.
+LATENT_NORM_EPS = 1e-6
+
+
 class LatentRMSNorm(nn.Module):
-    """RMSNorm computed as deepseek_v3's ``kv_a_layernorm`` (float32 statistics, weight applied after casting back).
+    """RMSNorm computed as deepseek_v3's ``kv_a_layernorm`` (float32 statistics, weight applied after casting back),
+    on the input times ``input_scale`` (a buffer; the native export folds it into the projection before the norm).
 
-    ``blend`` < 1 mixes the input back in, ``x + blend * (norm(x) - x)``, only while recovery phases the norm in
-    (it is not saved: a loaded or exported layer is always the plain norm)."""
+    With a tiny ``input_scale`` the statistics stay far below ``eps`` and the norm is the linear map
+    x * input_scale * weight / sqrt(eps) ("identity" mode). ``blend`` < 1 mixes the input back in,
+    ``x + blend * (norm(x) - x)``, only while recovery phases a normalising norm in (it is not saved: a loaded or
+    exported layer is always the plain norm)."""
 
-    def __init__(self, size: int, eps: float = 1e-6):
+    def __init__(self, size: int, eps: float = LATENT_NORM_EPS):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
+        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))
         self.variance_epsilon = eps
         self.blend = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        # float32 before scaling: the scaled latent of identity mode underflows in float16
+        scaled = x.float() * self.input_scale.float()
+        normed = scaled * torch.rsqrt(scaled.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         normed = self.weight * normed.to(dtype)
         return normed if self.blend >= 1 else torch.lerp(x, normed, self.blend)
+
+    @torch.no_grad()
+    def set_identity(self, rms: float, headroom: float) -> None:
+        """Identity mode for inputs of root-mean-square ``rms``: scale them to sqrt(headroom * eps), where the norm
+        is linear to a relative 1/2 * headroom * (token energy / mean energy), and undo the scale with the weight."""
+        self.input_scale.fill_(math.sqrt(headroom * self.variance_epsilon) / rms)
+        self.weight.fill_(rms / math.sqrt(headroom))
 
 
 class MlaAttention(nn.Module):
@@ -90,14 +110,15 @@ class MlaAttention(nn.Module):
     @classmethod
     def from_teacher(cls, teacher: nn.Module, config, layer_idx: int, *, kv_lora_rank: int, qk_rope_head_dim: int = 64,
                      latent_norm: bool = False, q_lora_rank: int | None = None, latent_norm_warmup: float = 0.0,
-                     **conversion_options) -> "MlaAttention":
-        """The layer skeleton; ``conversion_options`` (freqfold, balance_kv, calibration_*) only steer conversion."""
+                     latent_norm_mode: str = "identity", **conversion_options) -> "MlaAttention":
+        """The layer skeleton; ``conversion_options`` (freqfold, balance_kv, calibration_*) only steer conversion.
+        Identity-mode latent norms are exact from the start, so there is nothing to phase in."""
         if getattr(teacher, "attn_logit_softcapping", None):
             raise ValueError(f"layer {layer_idx}: attention logit soft-capping is not supported by the mla target")
         return cls(teacher, layer_idx=layer_idx, num_heads=config.num_attention_heads,
                    num_kv_heads=config.num_key_value_heads, head_dim=teacher.head_dim, kv_lora_rank=kv_lora_rank,
                    qk_rope_head_dim=qk_rope_head_dim, latent_norm=latent_norm, q_lora_rank=q_lora_rank,
-                   latent_norm_warmup=latent_norm_warmup)
+                   latent_norm_warmup=0.0 if latent_norm_mode == "identity" else latent_norm_warmup)
 
     def latent_norms(self) -> list[LatentRMSNorm]:
         return [m for m in (self.kv_a_layernorm, getattr(self, "q_a_layernorm", None)) if m is not None]
