@@ -214,7 +214,8 @@ def test_ranks_that_do_not_fit_are_clear_errors():
     assert MlaOptions(kv_lora_rank=8, qk_rope_head_dim=4).state_bytes(shape, 2) == (0, 24)
 
 
-def test_mla_recipe_plans_converts_recovers_and_exports_natively(tmp_path, tiny_model_dir, corpus_file, capsys):
+@pytest.mark.parametrize("mode", ["identity", "rms"])
+def test_mla_recipe_plans_converts_recovers_and_exports_natively(tmp_path, tiny_model_dir, corpus_file, capsys, mode):
     from test_pipeline import write_recipe
     from transformers import AutoModelForCausalLM
 
@@ -222,8 +223,8 @@ def test_mla_recipe_plans_converts_recovers_and_exports_natively(tmp_path, tiny_
     from reattend.recipe import load_recipe
     from reattend.runner import Run
 
-    options = {"kv_lora_rank": 12, "qk_rope_head_dim": 4, "latent_norm": True, "calibration_sequences": 8,
-               "calibration_length": 16}
+    options = {"kv_lora_rank": 12, "qk_rope_head_dim": 4, "latent_norm": True, "latent_norm_mode": mode,
+               "calibration_sequences": 8, "calibration_length": 16}
     recipe_path = write_recipe(tmp_path / "r.yaml", tiny_model_dir, corpus_file, tmp_path / "out",
                                convert={"rules": [{"layers": "all", "target": "mla", "options": options}]},
                                transfer={"enabled": False}, recover={"method": "attention", "tokens": 32 * 2 * 3},
@@ -241,8 +242,13 @@ def test_mla_recipe_plans_converts_recovers_and_exports_natively(tmp_path, tiny_
     run.run(stages=("convert", "transfer", "recover", "export"))
     recovered = run.student("recover")  # rebuilt from saved tensors, no calibration
     assert run.summary()["recover"]["tokens"] == 192
-    # an identity-mode latent norm is exact at conversion: nothing is phased in, so recovery starts from "perplexity"
-    assert "perplexity_at_recovery_start" not in run.summary()["convert"]
+    # an identity-mode latent norm is exact at conversion, so recovery starts from "perplexity"; an rms-mode one is
+    # phased in during recovery, so conversion also reports the model recovery starts from
+    converted = run.summary()["convert"]
+    if mode == "identity":
+        assert "perplexity_at_recovery_start" not in converted
+    else:
+        assert set(converted["perplexity_at_recovery_start"]) == set(converted["perplexity"])
     native = AutoModelForCausalLM.from_pretrained(run.summary()["export"]["native_dir"]).eval()
     assert native.config.model_type == "deepseek_v3"
     ids = torch.randint(0, 64, (1, 20))
