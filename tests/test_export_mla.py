@@ -48,6 +48,10 @@ def test_native_export_refuses_what_deepseek_v3_cannot_express():
         native_config(_student("qwen3"))
     with pytest.raises(ValueError, match="float16 weights cannot hold"):
         native_config(_student("llama").half())
+    student = _student("llama")
+    student.config.rms_norm_eps = 1e-5
+    with pytest.raises(ValueError, match="runs below its epsilon 1e-06, but rms_norm_eps=1e-05"):
+        native_config(student)
     student = _student("llama", freqfold=4)  # any freqfold keeps deepseek_v3's frequencies ...
     native_config(student)
     student.model.layers[1].self_attn.rope_freq_index.copy_(torch.tensor([1, 3]))  # ... other ones cannot be served

@@ -61,13 +61,12 @@ def native_config(student) -> DeepseekV3Config:
         for norm in m.latent_norms():
             if float(norm.input_scale) != 1.0 and norm.variance_epsilon != config.rms_norm_eps:
                 raise ValueError(f"export.native: layer {i}'s latent norm runs below its epsilon "
-                                 f"({norm.variance_epsilon}), which vLLM/SGLang take from rms_norm_eps="
-                                 f"{config.rms_norm_eps}; convert again with latent_norm_mode: identity (it sets "
-                                 f"rms_norm_eps) or {FALLBACK}")
+                                 f"{norm.variance_epsilon}, but rms_norm_eps={config.rms_norm_eps}, where vLLM/SGLang "
+                                 "read that epsilon from; keep the rms_norm_eps conversion set, or " + FALLBACK)
             if float(norm.input_scale) != 1.0 and next(student.parameters()).dtype == torch.float16:
                 raise ValueError(f"export.native: layer {i}'s identity-mode latent norm scales the latent to "
                                  f"~{float(norm.input_scale):.1e} of its size, which float16 weights cannot hold; "
-                                 "export in bfloat16 or float32 (dtype), or " + FALLBACK)
+                                 "use bfloat16 or float32 (the recipe's dtype), or " + FALLBACK)
         if m.q_norm is not None or m.k_norm is not None:
             raise ValueError(f"export.native: layer {i} has q/k norms, which deepseek_v3 lacks; {FALLBACK}")
         query = "q_proj" if m.q_lora_rank is None else "q_a_proj"
