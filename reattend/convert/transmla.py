@@ -222,11 +222,8 @@ def load_factors(module, teacher_attn, factors: dict[str, torch.Tensor], freqs: 
     module.q_rope_map.copy_(factors["q_rope_map"])
     module.rope_freq_index.copy_(freqs)
     if module.kv_a_layernorm is not None:
-        if identity_norm:
-            module.kv_a_layernorm.set_identity(factors["latent_rms"].item(), IDENTITY_NORM_HEADROOM)
-        else:
-            # c / rms(c) * w stays close to c when w is the typical rms; recovery then adapts the norm.
-            module.kv_a_layernorm.weight.fill_(factors["latent_rms"].item())
+        module.kv_a_layernorm.initialise(factors["latent_rms"].item(), identity=identity_norm,
+                                         headroom=IDENTITY_NORM_HEADROOM)
 
 
 @torch.no_grad()
@@ -238,10 +235,7 @@ def load_query_factors(module, teacher_attn, c_q: torch.Tensor, *, identity_norm
         module.q_a_proj.bias.copy_(P.T @ teacher_attn.q_proj.bias.double().cpu())
     module.q_b_proj.weight.copy_(P)
     rms = math.sqrt(max((P.T @ c_q.double() @ P).trace().item() / P.shape[1], 1e-30))
-    if identity_norm:
-        module.q_a_layernorm.set_identity(rms, IDENTITY_NORM_HEADROOM)
-    else:
-        module.q_a_layernorm.weight.fill_(rms)
+    module.q_a_layernorm.initialise(rms, identity=identity_norm, headroom=IDENTITY_NORM_HEADROOM)
 
 
 def initialise_layers(student, teacher, layer_indices: list[int], plan: list[dict], calibration: torch.Tensor | None,

@@ -58,12 +58,12 @@ def native_config(student) -> DeepseekV3Config:
             raise ValueError(f"export.native: layer {i} has no latent RMSNorm (latent_norm: false), but stock "
                              "deepseek_v3 always applies kv_a_layernorm (served without it, TransMLA models output "
                              "gibberish); convert with options latent_norm: true and recover, or " + FALLBACK)
-        for norm in m.latent_norms():
-            if float(norm.input_scale) != 1.0 and norm.variance_epsilon != config.rms_norm_eps:
+        for norm in (n for n in m.latent_norms() if float(n.input_scale) != 1.0):  # identity-mode norms
+            if norm.variance_epsilon != config.rms_norm_eps:
                 raise ValueError(f"export.native: layer {i}'s latent norm runs below its epsilon "
                                  f"{norm.variance_epsilon}, but rms_norm_eps={config.rms_norm_eps}, where vLLM/SGLang "
                                  "read that epsilon from; keep the rms_norm_eps conversion set, or " + FALLBACK)
-            if float(norm.input_scale) != 1.0 and next(student.parameters()).dtype == torch.float16:
+            if next(student.parameters()).dtype == torch.float16:
                 raise ValueError(f"export.native: layer {i}'s identity-mode latent norm scales the latent to "
                                  f"~{float(norm.input_scale):.1e} of its size, which float16 weights cannot hold; "
                                  "use bfloat16 or float32 (the recipe's dtype), or " + FALLBACK)

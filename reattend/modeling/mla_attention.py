@@ -58,11 +58,15 @@ class LatentRMSNorm(nn.Module):
         return normed if self.blend >= 1 else torch.lerp(x, normed, self.blend)
 
     @torch.no_grad()
-    def set_identity(self, rms: float, headroom: float) -> None:
-        """Identity mode for inputs of root-mean-square ``rms``: scale them to sqrt(headroom * eps), where the norm
-        is linear to a relative 1/2 * headroom * (token energy / mean energy), and undo the scale with the weight."""
-        self.input_scale.fill_(math.sqrt(headroom * self.variance_epsilon) / rms)
-        self.weight.fill_(rms / math.sqrt(headroom))
+    def initialise(self, rms: float, *, identity: bool, headroom: float) -> None:
+        """Start from inputs of root-mean-square ``rms``. Identity mode scales them to sqrt(headroom * eps), where
+        the norm is linear to a relative 1/2 * headroom * (token energy / mean energy), and undoes the scale with
+        the weight; otherwise the weight is ``rms``, so a typical input keeps its size."""
+        if identity:
+            self.input_scale.fill_(math.sqrt(headroom * self.variance_epsilon) / rms)
+            self.weight.fill_(rms / math.sqrt(headroom))
+        else:
+            self.weight.fill_(rms)
 
 
 class MlaAttention(nn.Module):
